@@ -1,0 +1,30 @@
+# The two newcomer commands: `make demo` (arrives with training) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test lint format clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check spade tests
+	$(VENV)/bin/ruff format --check spade tests
+
+test: lint
+	$(PY) -m pytest
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format spade tests
+	$(VENV)/bin/ruff check --fix spade tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from spade.cli import main
+
+sys.exit(main())
