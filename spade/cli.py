@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,18 @@ EXAMPLES = {
   spade convert-official --preset coco --generator latest_net_G.pth --encoder latest_net_E.pth --output coco_vae.pt
   spade convert-official --preset cityscapes --generator latest_net_G.pth --discriminator latest_net_D.pth \\
       --output cityscapes.pt
+""",
+    "train": """examples:
+  spade train                                    # params.yaml in this folder, or the built-in defaults
+  spade train --params params.yaml --set train.iterations=2000 --set model.ngf=32
+  spade train --no-vgg-loss --batch-size 4 --out runs/try1
+  spade train --resume                           # continue from the latest checkpoint of train.out_dir
+  spade train --resume s3://bucket/runs/coco/checkpoints
+  torchrun --nproc-per-node 4 -m spade train --params params.yaml   # distributed data parallel
+""",
+    "data synth": """examples:
+  spade data synth --out data/builtin --count 300 --size 64
+  spade data synth --out /tmp/scenes --count 1000 --size 128 --seed 7
 """,
     "synthesize": """examples:
   # one COCO-Stuff label map (instance edges from its instance map)
@@ -49,6 +62,51 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     add("presets", "List the named presets (label classes, resolution, preprocessing).")
+
+    p = add("train", "Train a SPADE model with the settings of params.yaml (overridable here).")
+    p.add_argument("--params", type=Path, help="settings file (default: ./params.yaml when present)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. train.iterations=500 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="LOCATION",
+        help="continue from the latest checkpoint (in LOCATION: a folder, s3://bucket/prefix or a file; "
+        "default: the run's checkpoint folder); starts fresh when there is none",
+    )
+    p.add_argument("--no-vgg-loss", action="store_true", help="train without the VGG19 perceptual loss")
+    p.add_argument("--vgg-weights", help="path of vgg19-dcbb9e9d.pth (default: the torch hub cache)")
+    p.add_argument("--iterations", type=int, help="same as --set train.iterations=N")
+    p.add_argument("--batch-size", type=int, help="global batch size (same as --set train.batch_size=N)")
+    p.add_argument("--out", help="output folder (same as --set train.out_dir=DIR)")
+    p.add_argument("--data", help="dataset root (same as --set data.root=DIR)")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), help="same as --set train.precision=")
+    p.add_argument("--device", help="cpu, cuda or auto (same as --set train.device=)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable or unpaired files instead of failing")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    data = sub.add_parser("data", help="Dataset tools (the built-in procedural dataset).")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser(
+        "synth",
+        help="Write the built-in procedural landscape dataset.",
+        description="Write the built-in procedural landscape dataset (custom layout, with classes.txt).",
+        epilog=EXAMPLES["data synth"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--count", type=int, default=300, help="training scenes (default 300)")
+    p.add_argument("--val-count", type=int, help="validation scenes (default count / 10, at least 8)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 16 (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings")
 
     p = add("convert-official", "Convert the authors' published checkpoint files into a project checkpoint.")
     p.add_argument("--preset", required=True, help="coco, ade20k or cityscapes")
@@ -102,6 +160,60 @@ def cmd_presets(args: argparse.Namespace) -> None:
             f"{p.name:<11} {p.label_nc:>7} {'yes' if p.contain_dontcare_label else 'no':>8} "
             f"{'yes' if p.use_instance else 'no':>8} {f'{w}x{h}':>10}  {p.num_upsampling_layers:<10}  {p.description}"
         )
+
+
+def train_settings(args: argparse.Namespace):  # noqa: ANN201
+    from spade.config import load_settings
+
+    params = args.params
+    if params is None and Path("params.yaml").is_file():
+        params = Path("params.yaml")
+    overrides = list(args.overrides)
+    shortcuts = {
+        "iterations": "train.iterations",
+        "batch_size": "train.batch_size",
+        "out": "train.out_dir",
+        "data": "data.root",
+        "precision": "train.precision",
+        "device": "train.device",
+        "vgg_weights": "train.vgg_weights",
+    }
+    for attr, key in shortcuts.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_vgg_loss:
+        overrides.append("train.vgg_loss=false")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    if args.no_tracking:
+        overrides.append("tracking.enabled=false")
+    return load_settings(params, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from spade.train.loop import SIGTERM_EXIT, train
+
+    settings = train_settings(args)
+    result = train(settings, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return SIGTERM_EXIT if result.stopped_by_signal else 0
+    if result.stopped_by_signal:
+        print(f"stopped at iteration {result.iteration}; checkpoint {result.checkpoint}; continue with --resume")
+        return SIGTERM_EXIT
+    print(f"finished {result.iteration} iterations; model: {result.final_model}; checkpoint: {result.checkpoint}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from spade.data.synthetic import generate_builtin_dataset
+
+    root = generate_builtin_dataset(
+        args.out, count=args.count, val_count=args.val_count, size=args.size, seed=args.seed, overwrite=args.overwrite
+    )
+    print(f"built-in dataset ready in {root}")
 
 
 def cmd_convert_official(args: argparse.Namespace) -> None:
@@ -174,6 +286,8 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "presets": cmd_presets,
+    "train": cmd_train,
+    "data": cmd_data,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
 }
@@ -182,14 +296,14 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except SpadeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

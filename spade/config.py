@@ -8,7 +8,8 @@ It is stored inside every project checkpoint, so a checkpoint is self-describing
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from spade.errors import SpadeError
 from spade.presets import Preset, get_preset
@@ -66,6 +67,15 @@ class ModelConfig:
                     f"{self.num_upsampling_layers!r} upsampling (and leave a latent grid of at least 1 row "
                     f"at aspect ratio {self.aspect_ratio})"
                 )
+        if (
+            self.spade_norm == "instance"
+            and self.num_upsampling_layers in UPSAMPLING_LAYERS
+            and self.latent_size == (1, 1)
+        ):
+            problems.append(
+                f"spade_norm 'instance' cannot normalise the 1x1 first feature map of crop_size {self.crop_size}; "
+                "use a larger crop_size or batch norm"
+            )
         if self.ngf < 2 or self.ndf < 1 or self.z_dim < 1 or self.num_D < 1 or self.n_layers_D < 1:
             problems.append("ngf >= 2, ndf, z_dim, num_D and n_layers_D >= 1 are required")
         if problems:
@@ -166,3 +176,219 @@ def parse_plain_norm(text: str) -> tuple[bool, str]:
         raise SpadeError(f"unrecognised norm {text!r}")
     norm = "batch" if m.group(2) == "syncbatch" else m.group(2)
     return bool(m.group(1)), norm
+
+
+LAYOUTS = ("coco", "ade20k", "cityscapes", "custom")
+PREPROCESS_MODES = ("resize_and_crop", "scale_width_and_crop", "scale_shortside_and_crop", "fixed", "none")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data is and how it is read.
+
+    `layout` names the folder convention (see spade/data/layouts.py). For `custom`
+    (also what the built-in dataset and the pseudo-labeling stage write) the folders
+    default to {split}_label, {split}_img and, when present, {split}_inst under `root`.
+    """
+
+    layout: str = "custom"
+    root: str = "data/builtin"
+    split: str = "train"
+    label_dir: str = ""
+    image_dir: str = ""
+    instance_dir: str = ""
+    preprocess_mode: str = "resize_and_crop"
+    load_size: int = 286
+    no_flip: bool = False
+    skip_bad: bool = False
+    num_workers: int = 0
+    max_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise SpadeError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.preprocess_mode not in PREPROCESS_MODES:
+            raise SpadeError(
+                f"data.preprocess_mode must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess_mode!r}"
+            )
+        if self.split not in ("train", "val"):
+            raise SpadeError(f"data.split must be train or val, got {self.split!r}")
+        if self.load_size < 1 or self.num_workers < 0 or self.max_samples < 0:
+            raise SpadeError("data.load_size must be >= 1; num_workers and max_samples >= 0")
+
+
+PRECISION_CHOICES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, checkpointing and logging settings of `spade train`.
+
+    `batch_size` is the global batch: with N processes each takes batch_size / N.
+    The learning rate is constant until `lr_decay_start` (a fraction of
+    `iterations`), then falls linearly to 0. With TTUR (the default) G uses lr / 2
+    and D lr * 2, with Adam betas (0, 0.9); without it both use lr and (0.5, 0.999).
+    """
+
+    out_dir: str = "runs/train"
+    iterations: int = 1000
+    batch_size: int = 8
+    lr: float = 0.0002
+    ttur: bool = True
+    beta1: float | None = None
+    beta2: float | None = None
+    lr_decay_start: float = 0.5
+    d_steps_per_g: int = 1
+    gan_mode: str = "hinge"
+    lambda_feat: float = 10.0
+    lambda_vgg: float = 10.0
+    lambda_kld: float = 0.05
+    feat_loss: bool = True
+    vgg_loss: bool = True
+    vgg_weights: str = ""
+    init_gain: float = 0.02
+    precision: str = "float32"
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 250
+    num_samples: int = 4
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.iterations < 1 or self.batch_size < 1 or self.d_steps_per_g < 1:
+            problems.append("iterations, batch_size and d_steps_per_g must be >= 1")
+        if not 0.0 <= self.lr_decay_start <= 1.0:
+            problems.append(f"lr_decay_start is a fraction of iterations in [0, 1], got {self.lr_decay_start}")
+        if self.precision not in PRECISION_CHOICES:
+            problems.append(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
+        if self.gan_mode not in ("hinge", "ls", "original", "w"):
+            problems.append(f"gan_mode must be hinge, ls, original or w, got {self.gan_mode!r}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1 or self.sample_every < 0:
+            problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1, sample_every >= 0")
+        if problems:
+            raise SpadeError("invalid train settings: " + "; ".join(problems))
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        default = (0.0, 0.9) if self.ttur else (0.5, 0.999)
+        return (
+            default[0] if self.beta1 is None else self.beta1,
+            default[1] if self.beta2 is None else self.beta2,
+        )
+
+    @property
+    def lr_G(self) -> float:
+        return self.lr / 2 if self.ttur else self.lr
+
+    @property
+    def lr_D(self) -> float:
+        return self.lr * 2 if self.ttur else self.lr
+
+    def lr_factor(self, iteration: int) -> float:
+        """Multiplier of the base learning rates at an iteration (linear decay to 0)."""
+        start = self.lr_decay_start * self.iterations
+        if iteration < start or self.iterations <= start:
+            return 1.0
+        return max(0.0, (self.iterations - iteration) / (self.iterations - start))
+
+    @property
+    def checkpoint_location(self) -> str:
+        return self.checkpoint_dir or f"{self.out_dir.rstrip('/')}/checkpoints"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow settings. An empty tracking_uri means $MLFLOW_TRACKING_URI, else a SQLite file here."""
+
+    tracking_uri: str = ""
+    experiment: str = "spade"
+    run_name: str = ""
+    enabled: bool = True
+    retry_seconds: float = 5.0
+    close_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `params.yaml` holds, typed. Sections: model, data, train, tracking."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "data": asdict(self.data),
+            "train": asdict(self.train),
+            "tracking": asdict(self.tracking),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Settings:
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+        raw = dict(raw or {})
+        values = {}
+        for name, section_cls in sections.items():
+            body = dict(raw.pop(name, None) or {})
+            if name == "model":
+                preset = body.pop("preset", "custom")
+                values[name] = ModelConfig.from_preset(preset, **body) if body else ModelConfig.from_preset(preset)
+                continue
+            known = {f.name for f in fields(section_cls)}
+            unknown = sorted(set(body) - known)
+            if unknown:
+                raise SpadeError(f"unknown {name} settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            try:
+                values[name] = section_cls(**body)
+            except TypeError as exc:
+                raise SpadeError(f"bad {name} settings: {exc}") from None
+        # other top-level sections (e.g. builtin, evaluate) belong to other stages
+        return cls(**values)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply 'section.key=value' strings (values parsed as YAML) to a params dict."""
+    import yaml
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise SpadeError(f"override {item!r} must look like section.key=value, e.g. train.iterations=200")
+        section, name = parts
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise SpadeError(f"override {item!r}: {section} is not a section")
+        out[section][name] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def load_params(path: str | Path | None) -> dict:
+    """params.yaml as a dict ({} when path is None)."""
+    import yaml
+
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise SpadeError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpadeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SpadeError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_settings(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Settings:
+    return Settings.from_dict(apply_overrides(load_params(path), overrides or []))

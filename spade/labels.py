@@ -18,6 +18,7 @@ from spade.config import ModelConfig
 from spade.errors import SpadeError
 
 DONTCARE_VALUE = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
 
 

@@ -20,10 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from spade.checkpoints import Checkpoint
 from spade.config import ModelConfig
 from spade.errors import SpadeError
-from spade.labels import read_id_map, semantic_input, to_class_ids
+from spade.labels import IMAGE_SUFFIXES, read_id_map, semantic_input, to_class_ids
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass

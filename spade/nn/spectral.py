@@ -29,6 +29,11 @@ class SpectralNormConv2d(nn.Conv2d):
         self.register_buffer("weight_v", F.normalize(weight.new_empty(width).normal_(), dim=0, eps=eps))
 
     def normalized_weight(self) -> torch.Tensor:
+        # sigma in float32 even under autocast: the power iteration writes into float32 buffers
+        with torch.autocast(self.weight_orig.device.type, enabled=False):
+            return self._normalized_weight()
+
+    def _normalized_weight(self) -> torch.Tensor:
         w_mat = self.weight_orig.flatten(1)
         u, v = self.weight_u, self.weight_v
         if self.training:

@@ -1,0 +1,473 @@
+"""`spade train`: the training loop.
+
+One iteration is a discriminator step, preceded by a generator step every
+`d_steps_per_g` iterations (the authors' release does the same). Run it in one
+process, or under torchrun for distributed data parallel training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from spade.checkpoints import Checkpoint
+from spade.config import Settings
+from spade.errors import SpadeError
+from spade.losses import VGGLoss
+from spade.nn import MultiscaleDiscriminator
+from spade.nn.vgg import VGG19Features
+from spade.train import checkpointing as ckpts
+from spade.train.distributed import (
+    DistInfo,
+    GlobalBatchSampler,
+    SeededSamples,
+    any_rank,
+    init_distributed,
+    shutdown_distributed,
+)
+from spade.train.objective import GeneratorSide, Objective, init_weights
+from spade.train.sync_batchnorm import convert_sync_batchnorm
+from spade.train.tracking import MLflowTracker, Tracker, git_commit
+from spade.visualize import sample_grid
+
+SIGTERM_EXIT = 143
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    stopped_by_signal: bool
+    checkpoint: str | None
+    final_model: Path | None
+    run_id: str | None
+    history: list[dict] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Set by SIGTERM (pod eviction) or SIGINT; the loop finishes its iteration, saves and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SpadeError(f"train.device={name} but no CUDA device is available")
+        return torch.device("cuda", info.local_rank if info.enabled else torch.device(name).index or 0)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, DDP) else m
+
+
+def train(
+    settings: Settings,
+    *,
+    resume: str | None = None,
+    progress: bool = True,
+    dataset_fingerprint: str | None = None,
+) -> TrainResult:
+    """Train a SPADE model as `settings` say; resume from `resume` (folder, s3 prefix or file) if given."""
+    from spade.data.dataset import build_dataset  # deferred: data readers are heavy to import
+
+    mc, dc, tc = settings.model, settings.data, settings.train
+    probe_device = pick_device(tc.device, DistInfo())
+    info = init_distributed(probe_device.type)
+    try:
+        device = pick_device(tc.device, info)
+        if tc.batch_size % info.world_size:
+            raise SpadeError(f"train.batch_size {tc.batch_size} must be divisible by the {info.world_size} processes")
+        if tc.precision == "float16" and device.type != "cuda":
+            raise SpadeError("train.precision=float16 needs CUDA; on CPU use bfloat16 or float32")
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(tc.seed + info.rank)
+
+        dataset = build_dataset(dc, mc, train=True, progress=progress and info.is_main)
+        if len(dataset) < tc.batch_size:
+            raise SpadeError(f"the dataset has {len(dataset)} samples, fewer than one batch of {tc.batch_size}")
+        preview = _preview_batch(settings, progress=False) if info.is_main and tc.sample_every else None
+
+        gside = GeneratorSide(mc)
+        disc = MultiscaleDiscriminator.from_config(mc)
+        init_weights(gside, tc.init_gain)
+        init_weights(disc, tc.init_gain)
+        if info.enabled and mc.spade_norm == "syncbatch":
+            gside = convert_sync_batchnorm(gside, device.type)
+        gside.to(device)
+        disc.to(device)
+        if tc.channels_last:
+            gside.to(memory_format=torch.channels_last)
+            disc.to(memory_format=torch.channels_last)
+        vgg = VGGLoss(VGG19Features(tc.vgg_weights or None).to(device), tc.lambda_vgg) if tc.vgg_loss else None
+
+        opt_g = torch.optim.Adam(gside.parameters(), lr=tc.lr_G, betas=tc.betas)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_D, betas=tc.betas)
+        use_scaler = tc.precision == "float16"
+        scaler_g = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+        start_iter, epoch, batch_in_epoch, run_id = 0, 0, 0, None
+        location = tc.checkpoint_location
+        if resume is not None:
+            found = ckpts.load_latest(resume or location)
+            if found is None:
+                if info.is_main:
+                    print(f"no checkpoint in {resume or location}; starting from scratch", file=sys.stderr)
+            else:
+                ckpt, source = found
+                ckpts.check_compatible(ckpt, mc.to_dict(), source)
+                _load_nets(ckpt, gside, disc)
+                t = ckpt.training
+                opt_g.load_state_dict(t["optimizer_G"])
+                opt_d.load_state_dict(t["optimizer_D"])
+                scaler_g.load_state_dict(t["scaler_G"])
+                scaler_d.load_state_dict(t["scaler_D"])
+                start_iter, epoch, batch_in_epoch = t["iteration"], t["epoch"], t["batch_in_epoch"]
+                run_id = t.get("mlflow_run_id")
+                rng = t["rng"]
+                if len(rng) == info.world_size:
+                    ckpts.restore_rng(rng[info.rank])
+                else:  # a different number of processes: fresh per-rank seeds, derived from the iteration
+                    seed_everything(tc.seed + info.rank + 7919 * start_iter)
+                if info.is_main:
+                    print(f"resuming from {source} at iteration {start_iter}", file=sys.stderr)
+
+        g_model: nn.Module = gside
+        d_model: nn.Module = disc
+        if info.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            g_model = DDP(gside, device_ids=ids)
+            d_model = DDP(disc, device_ids=ids)
+
+        objective = Objective(mc, tc, vgg, world_size=info.world_size)
+        tracker = _make_tracker(settings, run_id, info)
+        if info.is_main:
+            params = flatten(settings.to_dict())
+            params.update({"world_size": info.world_size, "device": device.type, "dataset_size": len(dataset)})
+            if start_iter == 0:
+                tracker.log_params(params)
+            tracker.set_tags(
+                {
+                    "git_commit": git_commit(),
+                    "dataset_fingerprint": dataset_fingerprint or _fingerprint(dataset),
+                    "preset": mc.preset,
+                }
+            )
+
+        loader_kwargs = dict(num_workers=dc.num_workers, pin_memory=device.type == "cuda")
+        if dc.num_workers:
+            loader_kwargs["persistent_workers"] = False
+        autocast = _autocast(tc.precision, device)
+        history: list[dict] = []
+        it = start_iter
+        last_ckpt: str | None = None
+        window: dict[str, float] = {}
+        window_n, window_t0 = 0, time.perf_counter()
+        curves = LossCurves(Path(tc.out_dir) / "loss_curves.csv", start_iter)
+        bar = tqdm(
+            total=tc.iterations, initial=start_iter, desc="train", unit="it", disable=not (progress and info.is_main)
+        )
+        stopped = False
+
+        def save(iteration: int) -> str | None:
+            rng = _gather(ckpts.capture_rng(), info)
+            checksums = _gather(_checksums(gside, disc), info)
+            if info.is_main and any(c != checksums[0] for c in checksums):
+                raise SpadeError(f"replicas diverged by iteration {iteration}: ranks hold different weights")
+            if not info.is_main:
+                return None
+            ckpt = _make_checkpoint(settings, gside, disc, source="training")
+            ckpt.training = {
+                "iteration": iteration,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "optimizer_G": opt_g.state_dict(),
+                "optimizer_D": opt_d.state_dict(),
+                "scaler_G": scaler_g.state_dict(),
+                "scaler_D": scaler_d.state_dict(),
+                "rng": rng,
+                "world_size": info.world_size,
+                "settings": settings.to_dict(),
+                "mlflow_run_id": tracker.run_id,
+                "replica_checksums": checksums,
+            }
+            return ckpts.save_checkpoint(ckpt, location, iteration, tc.keep_checkpoints)
+
+        with _StopFlag() as stop:
+            while it < tc.iterations and not stopped:
+                sampler = GlobalBatchSampler(
+                    len(dataset), tc.batch_size, info=info, seed=tc.seed, epoch=epoch, start_batch=batch_in_epoch
+                )
+                loader = DataLoader(SeededSamples(dataset), batch_sampler=sampler, **loader_kwargs)
+                for batch in loader:
+                    factor = tc.lr_factor(it)
+                    for group in opt_g.param_groups:
+                        group["lr"] = tc.lr_G * factor
+                    for group in opt_d.param_groups:
+                        group["lr"] = tc.lr_D * factor
+                    seg, real = objective.inputs(batch, device, tc.channels_last)
+                    logged: dict[str, torch.Tensor] = {}
+                    if it % tc.d_steps_per_g == 0:
+                        opt_g.zero_grad(set_to_none=True)
+                        with autocast:
+                            g_losses = objective.generator_losses(g_model, d_model, seg, real)
+                        scaler_g.scale(sum(g_losses.values())).backward()
+                        scaler_g.step(opt_g)
+                        scaler_g.update()
+                        logged.update(g_losses)
+                    opt_d.zero_grad(set_to_none=True)
+                    with autocast:
+                        d_losses = objective.discriminator_losses(g_model, d_model, seg, real)
+                    scaler_d.scale(sum(d_losses.values())).backward()
+                    scaler_d.step(opt_d)
+                    scaler_d.update()
+                    logged.update(d_losses)
+
+                    it += 1
+                    batch_in_epoch += 1
+                    for k, v in logged.items():
+                        window[k] = window.get(k, 0.0) + float(v.detach())
+                    window_n += 1
+                    bar.update(1)
+                    if it % tc.log_every == 0 or it == tc.iterations:
+                        elapsed = time.perf_counter() - window_t0
+                        metrics = _mean_over_ranks({k: v / window_n for k, v in window.items()}, info, device)
+                        metrics["images_per_sec"] = window_n * tc.batch_size / max(elapsed, 1e-9)
+                        metrics["lr_G"] = opt_g.param_groups[0]["lr"]
+                        metrics["lr_D"] = opt_d.param_groups[0]["lr"]
+                        if not all(math.isfinite(v) for v in metrics.values()):
+                            raise SpadeError(f"training diverged at iteration {it}: {metrics}")
+                        history.append({"iteration": it, **metrics})
+                        if info.is_main:
+                            curves.append(it, metrics)
+                        tracker.log_metrics(metrics, step=it)
+                        bar.set_postfix(
+                            {k: f"{metrics[k]:.3f}" for k in ("G_GAN", "G_VGG", "D_real", "D_fake") if k in metrics}
+                            | {"img/s": f"{metrics['images_per_sec']:.1f}"}
+                        )
+                        window, window_n, window_t0 = {}, 0, time.perf_counter()
+                    if preview is not None and tc.sample_every and (it % tc.sample_every == 0 or it == tc.iterations):
+                        _log_samples(gside, preview, mc, tracker, Path(tc.out_dir), it, device)
+                    if any_rank(stop.signal is not None, info, device):
+                        last_ckpt = save(it)
+                        stopped = True
+                        break
+                    if it % tc.checkpoint_every == 0 and it < tc.iterations:
+                        last_ckpt = save(it)
+                    if it >= tc.iterations:
+                        break
+                if batch_in_epoch >= sampler.batches_per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+        bar.close()
+
+        final_model = None
+        if not stopped:
+            last_ckpt = save(it)
+            if info.is_main:
+                final_model = _make_checkpoint(settings, gside, disc, source="training").save(
+                    Path(tc.out_dir) / "final.pt"
+                )
+                tracker.log_artifact(final_model, "model")
+        if info.is_main:
+            tracker.close("KILLED" if stopped else "FINISHED")
+        return TrainResult(it, stopped, last_ckpt, final_model, tracker.run_id, history)
+    finally:
+        shutdown_distributed()
+
+
+class LossCurves:
+    """`loss_curves.csv` in the output folder: one row per logged step, kept across resumes (for DVC plots)."""
+
+    def __init__(self, path: Path, start_iter: int) -> None:
+        self.path = path
+        self.columns: list[str] | None = None
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            if lines:
+                self.columns = lines[0].split(",")
+                # drop rows a killed run logged after its last checkpoint: they will be logged again
+                kept = [lines[0]] + [ln for ln in lines[1:] if ln and int(ln.split(",")[0]) <= start_iter]
+                path.write_text("\n".join(kept) + "\n")
+        elif start_iter == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, iteration: int, metrics: dict[str, float]) -> None:
+        if self.columns is None:
+            self.columns = ["iteration", *sorted(metrics)]
+            self.path.write_text(",".join(self.columns) + "\n")
+        row = [str(iteration)] + [f"{metrics.get(c, float('nan')):.6g}" for c in self.columns[1:]]
+        with self.path.open("a") as fh:
+            fh.write(",".join(row) + "\n")
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "float32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _mean_over_ranks(metrics: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """Each rank's loss is a mean over its slice of the global batch: average them into the global mean."""
+    if not info.enabled:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _gather(obj: dict, info: DistInfo) -> list:
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _checksums(*modules: nn.Module) -> list[float]:
+    """One float64 sum per parameter and buffer: equal lists mean equal replicas (in practice)."""
+    return [float(t.detach().double().sum()) for m in modules for t in _unwrap(m).state_dict().values()]
+
+
+def _make_checkpoint(settings: Settings, gside: nn.Module, disc: nn.Module, *, source: str) -> Checkpoint:
+    g = _unwrap(gside)
+
+    def cpu_state(m: nn.Module) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+    return Checkpoint(
+        config=settings.model,
+        generator=cpu_state(g.generator),
+        encoder=cpu_state(g.encoder) if g.encoder is not None else None,
+        discriminator=cpu_state(_unwrap(disc)),
+        meta={"source": source, "git_commit": git_commit()},
+    )
+
+
+def _load_nets(ckpt: Checkpoint, gside: nn.Module, disc: nn.Module) -> None:
+    g = _unwrap(gside)
+    g.generator.load_state_dict(ckpt.generator)
+    if g.encoder is not None:
+        g.encoder.load_state_dict(ckpt.encoder)
+    if ckpt.discriminator is None:
+        raise SpadeError("cannot resume: the checkpoint has no discriminator")
+    _unwrap(disc).load_state_dict(ckpt.discriminator)
+
+
+def _make_tracker(settings: Settings, run_id: str | None, info: DistInfo) -> Tracker:
+    if not info.is_main or not settings.tracking.enabled:
+        return Tracker()
+    try:
+        return MLflowTracker(settings.tracking, out_dir=Path(settings.train.out_dir), run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+        print(
+            f"warning: MLflow tracking unavailable ({type(exc).__name__}: {exc}); training without it", file=sys.stderr
+        )
+        return Tracker()
+
+
+def _fingerprint(dataset: object) -> str:
+    from spade.data.fingerprint import samples_fingerprint
+
+    return samples_fingerprint(dataset.samples)  # type: ignore[attr-defined]
+
+
+def _preview_batch(settings: Settings, *, progress: bool) -> dict | None:
+    """A fixed batch for sample grids: the first validation samples (training ones if there is no val split)."""
+    from dataclasses import replace
+
+    from spade.data.dataset import build_dataset
+
+    n = settings.train.num_samples
+    for split in ("val", "train"):
+        try:
+            ds = build_dataset(
+                replace(settings.data, split=split, max_samples=n), settings.model, train=False, progress=progress
+            )
+        except SpadeError:
+            continue
+        items = [ds[i] for i in range(min(n, len(ds)))]
+        return {k: torch.stack([x[k] for x in items]) for k in ("label", "instance", "image")}
+    return None
+
+
+@torch.no_grad()
+def _log_samples(gside, preview, mc, tracker, out_dir, it, device) -> None:  # noqa: ANN001
+    from spade.labels import semantic_input
+    from spade.synthesize import save_png
+
+    g = _unwrap(gside)
+    was_training = g.training
+    g.eval()
+    try:
+        label = preview["label"].to(device)
+        instance = preview["instance"].to(device) if mc.use_instance else None
+        seg = semantic_input(label, mc, instance)
+        z = None
+        if g.encoder is not None:
+            z = torch.randn(label.shape[0], mc.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        fake = g.generator(seg, z)
+    finally:
+        g.train(was_training)
+    grid = sample_grid(preview["label"], preview["image"], fake.cpu(), mc.label_nc)
+    path = save_png(grid, out_dir / "samples" / f"iter_{it:08d}.png")
+    tracker.log_image(grid, f"samples/{path.name}")

@@ -1,0 +1,192 @@
+"""The trainer: exact resume, SIGTERM, atomic checkpoints, distributed data parallel, learning."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import SPADE, child_env, free_port, tiny_params, wait_for, write_params
+
+from spade.checkpoints import Checkpoint
+from spade.config import Settings, load_settings
+from spade.data.synthetic import generate_builtin_dataset
+from spade.errors import SpadeError
+from spade.train.checkpointing import list_checkpoints
+
+
+@pytest.fixture(scope="session")
+def builtin_32(tmp_path_factory) -> Path:
+    return generate_builtin_dataset(
+        tmp_path_factory.mktemp("builtin") / "data", count=24, val_count=8, size=32, progress=False
+    )
+
+
+def run_train(params_file: Path, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SPADE, "train", "--params", str(params_file), *args], capture_output=True, text=True,
+                          env=child_env(), timeout=300, **popen)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"spade train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_params_yaml_and_overrides(tmp_path, builtin_32):
+    path = write_params(tmp_path / "params.yaml", tiny_params(builtin_32, tmp_path / "out"))
+    s = load_settings(path, ["train.iterations=42", "model.ngf=4", "data.no_flip=true"])
+    assert s.train.iterations == 42 and s.model.ngf == 4 and s.data.no_flip and s.model.label_nc == 8
+    assert s.train.lr_G == pytest.approx(0.0001) and s.train.lr_D == pytest.approx(0.0004)
+    assert s.train.betas == (0.0, 0.9)
+    assert Settings.from_dict({"train": {"ttur": False}}).train.betas == (0.5, 0.999)
+    with pytest.raises(SpadeError, match="unknown train settings: iterationz"):
+        load_settings(path, ["train.iterationz=3"])
+    with pytest.raises(SpadeError, match="must look like section.key=value"):
+        load_settings(path, ["iterations=3"])
+
+
+def test_linear_lr_decay():
+    tc = Settings.from_dict({"train": {"iterations": 100, "lr_decay_start": 0.5}}).train
+    assert [tc.lr_factor(i) for i in (0, 49, 50, 75, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_exact_resume_after_sigterm(tmp_path, builtin_32):
+    """2N iterations straight == N, SIGTERM, resume to 2N: bit-identical weights and optimiser state."""
+    total = 12
+    straight = write_params(tmp_path / "a.yaml", tiny_params(builtin_32, tmp_path / "a", train={"iterations": total}))
+    run_train(straight)
+    interrupted = write_params(
+        tmp_path / "b.yaml", tiny_params(builtin_32, tmp_path / "b", train={"iterations": total})
+    )
+    proc = subprocess.Popen([*SPADE, "train", "--params", str(interrupted)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())  # fmt: skip
+    ckpt_dir = tmp_path / "b" / "checkpoints"
+    wait_for(lambda: (ckpt_dir / "iter_00000002.pt").exists() or proc.poll() is not None, 120, "first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "continue with --resume" in out
+    stopped_at = list_checkpoints(str(ckpt_dir))[-1][0]
+    assert 2 <= stopped_at < total, f"the run was not interrupted mid-way (stopped at {stopped_at})"
+    assert not (tmp_path / "b" / "final.pt").exists()
+
+    resumed = run_train(interrupted, "--resume")
+    assert f"resuming from {ckpt_dir / f'iter_{stopped_at:08d}.pt'} at iteration {stopped_at}" in resumed.stderr
+    a = Checkpoint.load(tmp_path / "a" / "checkpoints" / f"iter_{total:08d}.pt")
+    b = Checkpoint.load(ckpt_dir / f"iter_{total:08d}.pt")
+    assert states_equal(a.generator, b.generator)
+    assert states_equal(a.discriminator, b.discriminator)
+    assert a.training["optimizer_G"]["state"].keys() == b.training["optimizer_G"]["state"].keys()
+    for key, state in a.training["optimizer_G"]["state"].items():
+        assert torch.equal(state["exp_avg"], b.training["optimizer_G"]["state"][key]["exp_avg"])
+    # and training did change the weights (the comparison is not between two untouched models)
+    first = Checkpoint.load(tmp_path / "a" / "checkpoints" / "iter_00000002.pt")
+    assert not states_equal(first.generator, a.generator)
+
+
+def test_resume_refuses_a_different_model(tmp_path, builtin_32):
+    params = tiny_params(builtin_32, tmp_path / "r", train={"iterations": 2})
+    run_train(write_params(tmp_path / "p.yaml", params))
+    params["model"]["ngf"] = 16
+    proc = run_train(write_params(tmp_path / "q.yaml", params), "--resume", check=False)
+    assert proc.returncode == 1
+    assert "cannot resume from" in proc.stderr and "ngf: checkpoint 8 vs now 16" in proc.stderr
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL a process that keeps saving big checkpoints: every visible checkpoint still loads."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from spade.checkpoints import Checkpoint
+        from spade.config import ModelConfig
+        from spade.train.checkpointing import save_checkpoint
+        cfg = ModelConfig.from_preset("custom", ngf=4, crop_size=32)
+        big = {"w": torch.randn(20_000_000)}
+        for i in range(1, 10_000):
+            big["w"][0] = i
+            save_checkpoint(Checkpoint(config=cfg, generator=big, training={"iteration": i}), sys.argv[1], i, keep=2)
+            print(i, flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env=child_env())  # fmt: skip
+    assert proc.stdout.readline().strip() == "1"
+    time.sleep(0.7)  # somewhere inside a later save
+    proc.kill()
+    proc.wait()
+    found = list_checkpoints(str(tmp_path))
+    assert found, "no checkpoint survived"
+    for iteration, name in found:
+        ckpt = Checkpoint.load(tmp_path / name)
+        assert ckpt.training["iteration"] == iteration and ckpt.generator["w"][0] == iteration
+    assert len(found) <= 2
+
+
+def read_curves(out_dir: Path) -> list[dict]:
+    lines = (out_dir / "loss_curves.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, builtin_32):
+    """torchrun with 2 CPU processes (gloo, synchronized batch norm) == 1 process on the same global batch."""
+    base = tiny_params(builtin_32, tmp_path / "single", train={"iterations": 2, "checkpoint_every": 1})
+    run_train(write_params(tmp_path / "single.yaml", base))
+    base["train"]["out_dir"] = str(tmp_path / "ddp")
+    ddp = write_params(tmp_path / "ddp.yaml", base)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "spade", "train"]
+    proc = subprocess.run([*cmd, "--params", str(ddp)], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished 2 iterations") == 1  # rank 0 alone reports
+
+    # the first iteration's losses (global means over both ranks' halves) equal the single process's
+    single_curve, ddp_curve = read_curves(tmp_path / "single"), read_curves(tmp_path / "ddp")
+    for key in ("G_GAN", "G_feat", "D_real", "D_fake"):
+        assert ddp_curve[0][key] == pytest.approx(single_curve[0][key], rel=1e-4, abs=1e-6), key
+
+    for it in (1, 2):
+        name = f"iter_{it:08d}.pt"
+        one = Checkpoint.load(tmp_path / "single" / "checkpoints" / name)
+        two = Checkpoint.load(tmp_path / "ddp" / "checkpoints" / name)
+        assert two.training["world_size"] == 2
+        sums = two.training["replica_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1], "the two ranks hold different weights"
+    # the batch-norm statistics were synchronized: running means match the single process
+    key = "head_0.norm_0.param_free_norm.running_mean"
+    one = Checkpoint.load(tmp_path / "single" / "checkpoints" / "iter_00000001.pt")
+    two = Checkpoint.load(tmp_path / "ddp" / "checkpoints" / "iter_00000001.pt")
+    assert one.generator[key].abs().sum() > 0
+    assert torch.allclose(one.generator[key], two.generator[key], atol=5e-4)
+
+
+def test_ddp_gradients_equal_single_process_gradients(tmp_path):
+    """The data-parallel step computes the gradient of the global batch: every parameter's gradient on
+    2 processes (DDP-averaged, batch norm synchronized) equals the 1-process gradient, within float tolerance.
+    (Weights after an Adam step are not compared elementwise: Adam's first step is lr * sign(gradient), so
+    float noise in gradients that are zero in theory, like biases in front of a norm, flips whole steps.)"""
+    script = str(Path(__file__).parent / "ddp_gradients.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.pt")], check=True, env=child_env(), timeout=120)
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    proc = subprocess.run([*torchrun, script, str(tmp_path / "two.pt")], capture_output=True, text=True,
+                          env=child_env(), timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys() and any(k.startswith("D.") for k in one)
+    scale = max(g.abs().max().item() for g in one.values())
+    assert scale > 0
+    for name, grad in one.items():
+        err = (grad - two[name]).abs().max().item()
+        assert err <= 1e-4 * scale, f"{name}: gradient differs by {err:.3g} (largest gradient {scale:.3g})"
