@@ -1,9 +1,9 @@
-# The two newcomer commands: `make demo` (arrives with training) and `make test`.
+# The two newcomer commands: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint format clean
+.PHONY: install demo test lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/spade demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spade tests
@@ -27,4 +30,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix spade tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info data/builtin runs mlruns.db mlartifacts

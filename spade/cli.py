@@ -27,6 +27,10 @@ EXAMPLES = {
   spade train --resume s3://bucket/runs/coco/checkpoints
   torchrun --nproc-per-node 4 -m spade train --params params.yaml   # distributed data parallel
 """,
+    "demo": """examples:
+  spade demo                                     # what `make demo` runs, with ./params.yaml
+  spade demo --set train.iterations=200          # quicker, rougher
+""",
     "data synth": """examples:
   spade data synth --out data/builtin --count 300 --size 64
   spade data synth --out /tmp/scenes --count 1000 --size 128 --seed 7
@@ -91,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or auto (same as --set train.device=)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable or unpaired files instead of failing")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    p = add("demo", "Built-in landscapes -> train a small model -> synthesize a validation grid (all local).")
+    p.add_argument("--params", type=Path, help="settings file (default: ./params.yaml when present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     data = sub.add_parser("data", help="Dataset tools (the built-in procedural dataset).")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -207,6 +215,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from spade.demo import run_demo
+
+    params = args.params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    run_demo(params, args.overrides)
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from spade.data.synthetic import generate_builtin_dataset
 
@@ -288,6 +303,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "train": cmd_train,
     "data": cmd_data,
+    "demo": cmd_demo,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -19,10 +22,29 @@ def palette(n: int) -> np.ndarray:
     return colours
 
 
-def colorize(ids: np.ndarray | torch.Tensor, label_nc: int) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8; ids >= label_nc (don't care) are black."""
+def colorize(ids: np.ndarray | torch.Tensor, label_nc: int, colours: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8; ids >= label_nc (don't care) are black.
+
+    `colours` (label_nc x 3) replaces the generated palette, e.g. a dataset's own class colours.
+    """
     ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-    return palette(label_nc)[np.clip(ids, 0, label_nc)]
+    table = palette(label_nc)
+    if colours is not None and len(colours) == label_nc:
+        table[:label_nc] = np.asarray(colours, np.uint8)
+    return table[np.clip(ids, 0, label_nc)]
+
+
+def dataset_colours(root: str | Path, label_nc: int) -> np.ndarray | None:
+    """The built-in landscapes' own class colours when `root` holds that dataset, else None."""
+    from spade.data.synthetic import CLASS_COLORS, DATASET_NAME
+
+    meta = Path(root) / "dataset.json"
+    try:
+        if json.loads(meta.read_text()).get("name") == DATASET_NAME and label_nc == len(CLASS_COLORS):
+            return np.array(CLASS_COLORS, np.uint8)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def to_uint8_image(x: torch.Tensor) -> np.ndarray:
@@ -31,12 +53,17 @@ def to_uint8_image(x: torch.Tensor) -> np.ndarray:
 
 
 def sample_grid(
-    labels: torch.Tensor, reals: torch.Tensor, fakes: torch.Tensor, label_nc: int, gap: int = 2
+    labels: torch.Tensor,
+    reals: torch.Tensor,
+    fakes: torch.Tensor,
+    label_nc: int,
+    gap: int = 2,
+    colours: np.ndarray | None = None,
 ) -> np.ndarray:
     """One row per sample: colourised label | real | synthesized, as an (H, W, 3) uint8 array."""
     rows = []
     for label, real, fake in zip(labels, reals, fakes, strict=True):
-        tiles = [colorize(label[0], label_nc), to_uint8_image(real), to_uint8_image(fake)]
+        tiles = [colorize(label[0], label_nc, colours), to_uint8_image(real), to_uint8_image(fake)]
         h = tiles[0].shape[0]
         spacer = np.full((h, gap, 3), 255, np.uint8)
         rows.append(np.concatenate([tiles[0], spacer, tiles[1], spacer, tiles[2]], axis=1))

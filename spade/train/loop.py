@@ -41,7 +41,7 @@ from spade.train.distributed import (
 from spade.train.objective import GeneratorSide, Objective, init_weights
 from spade.train.sync_batchnorm import convert_sync_batchnorm
 from spade.train.tracking import MLflowTracker, Tracker, git_commit
-from spade.visualize import sample_grid
+from spade.visualize import dataset_colours, sample_grid
 
 SIGTERM_EXIT = 143
 
@@ -446,7 +446,8 @@ def _preview_batch(settings: Settings, *, progress: bool) -> dict | None:
         except SpadeError:
             continue
         items = [ds[i] for i in range(min(n, len(ds)))]
-        return {k: torch.stack([x[k] for x in items]) for k in ("label", "instance", "image")}
+        batch = {k: torch.stack([x[k] for x in items]) for k in ("label", "instance", "image")}
+        return batch | {"colours": dataset_colours(settings.data.root, settings.model.label_nc)}
     return None
 
 
@@ -468,6 +469,6 @@ def _log_samples(gside, preview, mc, tracker, out_dir, it, device) -> None:  # n
         fake = g.generator(seg, z)
     finally:
         g.train(was_training)
-    grid = sample_grid(preview["label"], preview["image"], fake.cpu(), mc.label_nc)
+    grid = sample_grid(preview["label"], preview["image"], fake.cpu(), mc.label_nc, colours=preview.get("colours"))
     path = save_png(grid, out_dir / "samples" / f"iter_{it:08d}.png")
     tracker.log_image(grid, f"samples/{path.name}")

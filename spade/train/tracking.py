@@ -2,9 +2,12 @@
 
 Calls from the training loop only put events on a queue; a background thread
 sends them to MLflow. If the tracking server goes away, the thread says so once,
-keeps the events and retries; when the server is back it catches up. Events it
-still cannot send at the end are written to `unsent_tracking.jsonl` in the run's
-output folder and the gap is reported, so nothing is lost silently.
+keeps the events and retries; when the server is back it catches up. An event the
+server answers with a refusal (a 4xx MLflow error: a deleted or unknown run, a changed
+parameter value) is not an outage: it is set aside, so that it does not hold up the
+others. Events it still cannot send at the end, and the refused ones, are written to
+`unsent_tracking.jsonl` in the run's output folder and the gap is reported, so
+nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from spade.config import TrackingConfig
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MAX_BUFFERED = 100_000
+# 4xx answers that may pass (authentication, timeouts, rate limits): those are retried like an outage
+TRANSIENT_STATUSES = {401, 403, 408, 429}
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, workdir: Path | None = None) -> str:
@@ -47,6 +52,17 @@ def git_commit(cwd: Path | None = None) -> str:
         return out or "unknown"
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def _refused(exc: Exception, remote: bool) -> bool:
+    """True when the tracking store refused the request (sending it again would not help). A remote
+    server counts only when MLflow itself answered (a JSON error), not a proxy in front of it."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if not isinstance(exc, RestException if remote else MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in TRANSIENT_STATUSES
 
 
 class Tracker:
@@ -93,11 +109,14 @@ class MLflowTracker(Tracker):
         self.run_id = run_id or self._create_run(cfg, workdir)
         self._queue: queue.Queue[_Event | None] = queue.Queue()
         self._pending: list[_Event] = []
+        self._rejected: list[tuple[_Event, str]] = []
         self._dropped = 0
         self._closing = False
         self._warned = False
         self._ok_since_failure = True
         self.failures = 0
+        if run_id is not None:  # resuming: the run was ended (KILLED) by the interrupted process
+            self._queue.put(_Event("status", {"status": "RUNNING"}))
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -139,20 +158,19 @@ class MLflowTracker(Tracker):
         self._queue.put(_Event("end", {"status": status}))
         self._queue.put(None)
         self._thread.join(timeout + 15)
-        leftover = [e for e in self._pending + self._drain() if e.kind != "end"]
-        if leftover or self._dropped:
+        leftover = [(e, None) for e in self._pending + self._drain() if e.kind not in ("end", "status")]
+        rejected = [(e, why) for e, why in self._rejected if e.kind not in ("end", "status")]
+        if leftover or rejected or self._dropped:
             path = self.out_dir / "unsent_tracking.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as fh:
-                for e in leftover:
+                for e, why in leftover + rejected:
                     payload = {k: v for k, v in e.payload.items() if k != "image"}
-                    fh.write(json.dumps({"kind": e.kind, **payload}) + "\n")
-            print(
-                f"warning: {len(leftover)} tracking event(s) could not reach {self.uri}"
-                f"{f' and {self._dropped} were dropped' if self._dropped else ''}; "
-                f"they are in {path} (run {self.run_id})",
-                file=sys.stderr,
-            )
+                    fh.write(json.dumps({"kind": e.kind, **payload, **({"error": why} if why else {})}) + "\n")
+            gaps = [f"{len(leftover)} tracking event(s) could not reach {self.uri}"] if leftover else []
+            gaps += [f"{len(rejected)} tracking event(s) were rejected by {self.uri}"] if rejected else []
+            gaps += [f"{self._dropped} tracking event(s) were dropped"] if self._dropped else []
+            print(f"warning: {'; '.join(gaps)}; they are in {path} (run {self.run_id})", file=sys.stderr)
 
     # --- the background thread ----------------------------------------------------------
     def _drain(self) -> list[_Event]:
@@ -194,17 +212,26 @@ class MLflowTracker(Tracker):
             event = self._pending[0]
             try:
                 self._send(event)
-            except Exception as exc:  # noqa: BLE001 - any failure means "try again later"
-                self.failures += 1
-                if not self._warned or self._ok_since_failure:
+            except Exception as exc:  # noqa: BLE001 - a failure other than a refusal means "try again later"
+                if not _refused(exc, remote=self.uri.startswith(("http:", "https:"))):
+                    self.failures += 1
+                    if not self._warned or self._ok_since_failure:
+                        print(
+                            f"warning: MLflow tracking at {self.uri} is unreachable ({type(exc).__name__}); "
+                            f"training goes on and logging will catch up when it is back",
+                            file=sys.stderr,
+                        )
+                        self._warned = True
+                        self._ok_since_failure = False
+                    return False
+                # the server answered, and would refuse this event again: set it aside, go on with the others
+                self._rejected.append((event, f"{type(exc).__name__}: {exc}"))
+                if len(self._rejected) == 1:
                     print(
-                        f"warning: MLflow tracking at {self.uri} is unreachable ({type(exc).__name__}); "
-                        f"training goes on and logging will catch up when it is back",
+                        f"warning: MLflow tracking at {self.uri} rejected a {event.kind} event ({exc}); "
+                        f"training goes on; rejected events go to {self.out_dir / 'unsent_tracking.jsonl'}",
                         file=sys.stderr,
                     )
-                    self._warned = True
-                    self._ok_since_failure = False
-                return False
             self._pending.pop(0)
             if not self._ok_since_failure:
                 print(f"note: MLflow tracking at {self.uri} is back; catching up", file=sys.stderr)
@@ -230,6 +257,8 @@ class MLflowTracker(Tracker):
             self.client.log_artifact(self.run_id, p["local"], p["artifact_path"])
         elif event.kind == "end":
             self.client.set_terminated(self.run_id, status=p["status"])
+        elif event.kind == "status":
+            self.client.update_run(self.run_id, status=p["status"])
 
     def _log_image(self, image: np.ndarray, path: str) -> None:
         from PIL import Image

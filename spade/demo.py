@@ -1,0 +1,90 @@
+"""`spade demo` (what `make demo` runs): built-in data -> training -> a validation grid, all local."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spade.config import Settings, apply_overrides, load_params
+from spade.errors import SpadeError
+
+
+def run_demo(params: Path | None, overrides: list[str]) -> Path:
+    from spade.data.layouts import find_pairs
+    from spade.data.synthetic import generate_builtin_dataset
+    from spade.nn.vgg import VGG19_FILE
+    from spade.synthesize import Synthesizer, prepare_label, read_rgb, save_png
+    from spade.train.loop import train
+    from spade.train.tracking import resolve_tracking_uri
+    from spade.visualize import dataset_colours, sample_grid
+    from spade.weights import find_weights
+
+    raw = apply_overrides(load_params(params), overrides)
+    builtin = raw.get("builtin", {}) or {}
+    settings = Settings.from_dict(raw)
+    start = time.perf_counter()
+
+    print(f"[1/3] built-in landscapes -> {settings.data.root}")
+    generate_builtin_dataset(
+        settings.data.root,
+        count=int(builtin.get("count", 300)),
+        val_count=builtin.get("val_count"),
+        size=int(builtin.get("size", 64)),
+        seed=int(builtin.get("seed", 0)),
+    )
+
+    if settings.train.vgg_loss:
+        try:
+            find_weights(settings.train.vgg_weights or None, VGG19_FILE, what="VGG19")
+        except SpadeError:
+            print(f"      note: {VGG19_FILE} is not on this machine; training without the VGG loss")
+            settings = replace(settings, train=replace(settings.train, vgg_loss=False))
+
+    print(f"[2/3] training {settings.train.iterations} iterations -> {settings.train.out_dir}")
+    result = train(settings, resume="")
+    if result.stopped_by_signal:
+        raise SpadeError(f"stopped at iteration {result.iteration}; run `make demo` again to continue")
+
+    out_dir = Path(settings.train.out_dir)
+    print("[3/3] synthesizing the validation label maps")
+    synth = Synthesizer.from_file(result.final_model, precision="float32")
+    samples = find_pairs(replace(settings.data, split="val"))[:8]
+    items = [prepare_label(synth.config, s.label, s.instance) for s in samples]
+    fakes = synth.synthesize_inputs(items)
+    reals = torch.stack([read_rgb(s.image, synth.config.output_size) for s in samples])
+    labels = torch.stack([i.label for i in items])
+    for item, fake in zip(items, fakes, strict=True):
+        image = ((fake + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        save_png(image, out_dir / "val_synthesized" / f"{item.name}.png")
+    colours = dataset_colours(settings.data.root, synth.config.label_nc)
+    grid = sample_grid(labels, reals, fakes, synth.config.label_nc, colours=colours)
+    grid = np.ascontiguousarray(grid.repeat(2, axis=0).repeat(2, axis=1))  # easier to see
+    grid_path = save_png(grid, out_dir / "val_grid.png")
+    l1 = (fakes - reals).abs().mean().item()
+
+    uri = resolve_tracking_uri(settings.tracking)
+    minutes = (time.perf_counter() - start) / 60
+    print()
+    print(f"done in {minutes:.1f} min")
+    print(f"  validation grid (label | real | synthesized): {grid_path}")
+    print(f"  synthesized images:                           {out_dir / 'val_synthesized'}/")
+    print(f"  samples during training:                      {out_dir / 'samples'}/")
+    print(f"  model checkpoint:                             {result.final_model}")
+    print(f"  mean L1 to the real validation images:        {l1:.3f} (images in [-1, 1])")
+    if result.run_id:
+        print(f"  MLflow run {result.run_id}; browse the runs with:")
+        if uri.startswith("sqlite:"):
+            print(f"    .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")
+        else:
+            print(f"    open {uri}")
+    print("  try your own label map:")
+    print(
+        f"    .venv/bin/spade synthesize --checkpoint {result.final_model} --label {samples[0].label} --output mine.png"
+    )
+    sys.stdout.flush()
+    return grid_path
