@@ -410,3 +410,24 @@ def test_events_the_server_never_got_are_saved_next_to_the_run(tmp_path, builtin
     store = client_for(f"sqlite:///{server.root / 'mlflow.db'}")
     sent_steps = steps(store, run_id, "G_GAN")
     assert sorted(sent_steps + unsent_steps) == list(range(1, total + 1))
+
+
+def test_a_server_that_is_down_at_start_gets_the_whole_run_when_it_comes_up(tmp_path, builtin_32, server):
+    total = 30
+    server.stop()
+    file = outage_params(tmp_path, builtin_32, server.uri, total, close_timeout=60)
+    experiment = load_settings(file).tracking.experiment
+    log = tmp_path / "train.log"
+    with training(file, log) as proc:
+        wait_for(lambda: logged_rows(tmp_path / "out") >= 3 or proc.poll() is not None, 120, "training to start")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        server.start()
+        proc.communicate(timeout=120)
+    stderr = log.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "will be created when the server answers" in stderr
+    client = client_for(server.uri)
+    run = only_run(client, experiment)
+    assert run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "G_GAN") == list(range(1, total + 1))
+    assert run.data.params["train.iterations"] == str(total)

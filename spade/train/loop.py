@@ -323,7 +323,11 @@ def train(
                 )
                 tracker.log_artifact(final_model, "model")
         if info.is_main:
-            tracker.close("KILLED" if stopped else "FINISHED")
+            # on SIGTERM the pod has a short grace period: do not wait long for an absent server
+            if stopped:
+                tracker.close("KILLED", timeout=10.0)
+            else:
+                tracker.close("FINISHED")
         return TrainResult(it, stopped, last_ckpt, final_model, tracker.run_id, history)
     finally:
         shutdown_distributed()

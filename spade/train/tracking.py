@@ -106,7 +106,17 @@ class MLflowTracker(Tracker):
         self.retry_seconds = cfg.retry_seconds
         self.close_timeout = cfg.close_timeout
         self._deadline = float("inf")
-        self.run_id = run_id or self._create_run(cfg, workdir)
+        self._cfg, self._workdir = cfg, workdir
+        self.run_id = run_id
+        if self.run_id is None:
+            try:
+                self.run_id = self._create_run(cfg, workdir)
+            except Exception as exc:  # noqa: BLE001 - the server may come up later: create the run then
+                print(
+                    f"warning: MLflow tracking at {self.uri} is unreachable ({type(exc).__name__}); training "
+                    "goes on and the run will be created when the server answers",
+                    file=sys.stderr,
+                )
         self._queue: queue.Queue[_Event | None] = queue.Queue()
         self._pending: list[_Event] = []
         self._rejected: list[tuple[_Event, str]] = []
@@ -241,6 +251,8 @@ class MLflowTracker(Tracker):
     def _send(self, event: _Event) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        if self.run_id is None:
+            self.run_id = self._create_run(self._cfg, self._workdir)
         p = event.payload
         if event.kind == "params":
             items = [Param(k, v) for k, v in p["params"].items()]
