@@ -195,6 +195,7 @@ def train(
 
         objective = Objective(mc, tc, vgg, world_size=info.world_size)
         tracker = _make_tracker(settings, run_id, info)
+        fingerprint = (dataset_fingerprint or _fingerprint(dataset)) if info.is_main else ""
         if info.is_main:
             params = flatten(settings.to_dict())
             params.update({"world_size": info.world_size, "device": device.type, "dataset_size": len(dataset)})
@@ -203,7 +204,7 @@ def train(
             tracker.set_tags(
                 {
                     "git_commit": git_commit(),
-                    "dataset_fingerprint": dataset_fingerprint or _fingerprint(dataset),
+                    "dataset_fingerprint": fingerprint,
                     "preset": mc.preset,
                 }
             )
@@ -223,6 +224,16 @@ def train(
         )
         stopped = False
 
+        def lineage(iteration: int) -> dict:
+            return {
+                "source": "training",
+                "iteration": iteration,
+                "git_commit": git_commit(),
+                "dataset_fingerprint": fingerprint,
+                "mlflow_run_id": tracker.run_id,
+                "mlflow_tracking_uri": getattr(tracker, "uri", None),
+            }
+
         def save(iteration: int) -> str | None:
             rng = _gather(ckpts.capture_rng(), info)
             checksums = _gather(_checksums(gside, disc), info)
@@ -230,7 +241,7 @@ def train(
                 raise SpadeError(f"replicas diverged by iteration {iteration}: ranks hold different weights")
             if not info.is_main:
                 return None
-            ckpt = _make_checkpoint(settings, gside, disc, source="training")
+            ckpt = _make_checkpoint(settings, gside, disc, lineage(iteration))
             ckpt.training = {
                 "iteration": iteration,
                 "epoch": epoch,
@@ -318,7 +329,7 @@ def train(
         if not stopped:
             last_ckpt = save(it)
             if info.is_main:
-                final_model = _make_checkpoint(settings, gside, disc, source="training").save(
+                final_model = _make_checkpoint(settings, gside, disc, lineage(it)).save(
                     Path(tc.out_dir) / "final.pt"
                 )
                 tracker.log_artifact(final_model, "model")
@@ -392,7 +403,7 @@ def _checksums(*modules: nn.Module) -> list[float]:
     return [float(t.detach().double().sum()) for m in modules for t in _unwrap(m).state_dict().values()]
 
 
-def _make_checkpoint(settings: Settings, gside: nn.Module, disc: nn.Module, *, source: str) -> Checkpoint:
+def _make_checkpoint(settings: Settings, gside: nn.Module, disc: nn.Module, meta: dict) -> Checkpoint:
     g = _unwrap(gside)
 
     def cpu_state(m: nn.Module) -> dict:
@@ -403,7 +414,7 @@ def _make_checkpoint(settings: Settings, gside: nn.Module, disc: nn.Module, *, s
         generator=cpu_state(g.generator),
         encoder=cpu_state(g.encoder) if g.encoder is not None else None,
         discriminator=cpu_state(_unwrap(disc)),
-        meta={"source": source, "git_commit": git_commit()},
+        meta=meta,
     )
 
 
