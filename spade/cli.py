@@ -31,6 +31,26 @@ EXAMPLES = {
   spade demo                                     # what `make demo` runs, with ./params.yaml
   spade demo --set train.iterations=200          # quicker, rougher
 """,
+    "evaluate": """examples:
+  spade evaluate --checkpoint runs/demo/final.pt --data data/builtin --segmenter small \\
+      --segmenter-weights runs/segmenter/small_segmenter.pt --no-fid
+  spade evaluate --checkpoint coco.pt --layout coco --data datasets/coco_stuff --segmenter deeplabv2-cocostuff \\
+      --segmenter-weights deeplabv2_resnet101_msc-cocostuff164k-100000.pth \\
+      --inception-weights pt_inception-2015-12-05-6726825d.pth --num-samples 500
+""",
+    "fid": """examples:
+  spade fid real_images/ synthesized/ --inception-weights pt_inception-2015-12-05-6726825d.pth
+  spade fid real_stats.npz synthesized/            # statistics saved earlier, or by pytorch-fid --save-stats
+""",
+    "pseudolabel": """examples:
+  spade pseudolabel --images photos/ --segmenter deeplabv2-cocostuff \\
+      --weights deeplabv2_resnet101_msc-cocostuff164k-100000.pth --out data/landscapes --min-confidence 0.5
+  spade pseudolabel --images photos/ --segmenter small --weights runs/segmenter/small_segmenter.pt --out data/pl
+""",
+    "segmenter train": """examples:
+  spade segmenter train --data data/builtin --out runs/segmenter/small_segmenter.pt
+  spade segmenter train --data data/builtin --out runs/segmenter --iterations 600 --size 64
+""",
     "data synth": """examples:
   spade data synth --out data/builtin --count 300 --size 64
   spade data synth --out /tmp/scenes --count 1000 --size 128 --seed 7
@@ -99,6 +119,60 @@ def _parser() -> argparse.ArgumentParser:
     p = add("demo", "Built-in landscapes -> train a small model -> synthesize a validation grid (all local).")
     p.add_argument("--params", type=Path, help="settings file (default: ./params.yaml when present)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    p = add("evaluate", "Score a checkpoint: mIoU and pixel accuracy by a segmenter, FID; writes metrics.json.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="project checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--layout", default="custom", help="coco, ade20k, cityscapes or custom (default)")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--segmenter", required=True, help="deeplabv2-cocostuff, torchvision-deeplabv3 or small")
+    p.add_argument("--segmenter-weights", required=True, help="segmenter weights: path or s3:// URI")
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (when the Inception weights are not at hand)")
+    p.add_argument("--num-samples", type=int, default=0, help="evaluate the first N samples (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default ./evaluation)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--seed", type=int, default=0, help="style seed for multi-modal models")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--experiment", default="spade", help="MLflow experiment when the checkpoint has no run")
+
+    p = add("fid", "Frechet Inception Distance between two image folders (like the pytorch-fid command).")
+    p.add_argument("dir_a", help="folder of images, s3:// folder, or .npz statistics")
+    p.add_argument("dir_b", help="folder of images, s3:// folder, or .npz statistics")
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached statistics")
+
+    p = add("pseudolabel", "Label a photo collection with a segmenter into a trainable custom-layout dataset.")
+    p.add_argument("--images", required=True, type=Path, help="folder of photos")
+    p.add_argument("--segmenter", required=True, help="deeplabv2-cocostuff, torchvision-deeplabv3 or small")
+    p.add_argument("--weights", required=True, help="segmenter weights: path or s3:// URI")
+    p.add_argument("--out", required=True, type=Path, help="dataset folder to write (resumable)")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="drop photos whose mean confidence is lower")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--copy-images", action="store_true", help="copy photos instead of linking them")
+    p.add_argument("--recursive", action="store_true", help="also photos in sub-folders")
+    p.add_argument("--device", default="auto")
+
+    seg = sub.add_parser("segmenter", help="Segmenter tools (the small segmenter for the built-in data).")
+    seg_sub = seg.add_subparsers(dest="segmenter_command", required=True, metavar="SEGMENTER_COMMAND")
+    p = seg_sub.add_parser(
+        "train",
+        help="Fit the small segmenter on a custom-layout dataset (the built-in landscapes).",
+        description="Fit the small segmenter on a custom-layout dataset with classes.txt (the built-in landscapes).",
+        epilog=EXAMPLES["segmenter train"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, type=Path, help="dataset root (custom layout with classes.txt)")
+    p.add_argument("--out", required=True, type=Path, help="weights file to write, or a folder")
+    p.add_argument("--size", type=int, default=64, help="training resolution (default 64)")
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
 
     data = sub.add_parser("data", help="Dataset tools (the built-in procedural dataset).")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -215,6 +289,78 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from spade.config import DataConfig, TrackingConfig
+    from spade.evaluate.evaluation import evaluate
+
+    if args.batch_size < 1 or args.num_samples < 0:
+        raise SpadeError("--batch-size must be >= 1 and --num-samples >= 0")
+    result = evaluate(
+        args.checkpoint,
+        DataConfig(layout=args.layout, root=args.data, split=args.split),
+        segmenter=args.segmenter,
+        segmenter_weights=args.segmenter_weights,
+        inception_weights=args.inception_weights,
+        fid=not args.no_fid,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        precision=args.precision,
+        out_dir=args.out,
+        seed=args.seed,
+        tracking=TrackingConfig(enabled=not args.no_tracking, experiment=args.experiment),
+    )
+    m = result.metrics
+    fid = f", FID {m['fid']:.2f}" if "fid" in m else ""
+    miou = "n/a" if m["mIoU"] is None else f"{100 * m['mIoU']:.1f}"
+    acc = "n/a" if m["accuracy"] is None else f"{100 * m['accuracy']:.1f}"
+    print(f"mIoU {miou}, accuracy {acc}{fid} over {m['counts']['images']} images")
+    print(f"wrote {result.metrics_path} and {result.grid_path}")
+    if result.mlflow_run_id:
+        print(f"logged to MLflow run {result.mlflow_run_id}")
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    from spade.evaluate.fid import fid_from_folders
+
+    value = fid_from_folders(
+        args.dir_a,
+        args.dir_b,
+        weights=args.inception_weights,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        use_cache=not args.no_cache,
+    )
+    print(f"FID: {value:.4f}")
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> None:
+    from spade.evaluate.segmenters import load_segmenter
+    from spade.pseudolabel import pseudolabel
+
+    segmenter = load_segmenter(args.segmenter, args.weights, device=_device(args.device))
+    report = pseudolabel(
+        args.images,
+        args.out,
+        segmenter,
+        batch_size=args.batch_size,
+        min_confidence=args.min_confidence,
+        split=args.split,
+        link_images=not args.copy_images,
+        recursive=args.recursive,
+    )
+    print(report.summary())
+
+
+def cmd_segmenter(args: argparse.Namespace) -> None:
+    from spade.evaluate.segmenters.small import train_small_segmenter
+
+    path = train_small_segmenter(
+        args.data, args.out, size=args.size, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed
+    )
+    print(f"wrote {path}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from spade.demo import run_demo
 
@@ -304,6 +450,10 @@ COMMANDS = {
     "train": cmd_train,
     "data": cmd_data,
     "demo": cmd_demo,
+    "evaluate": cmd_evaluate,
+    "fid": cmd_fid,
+    "pseudolabel": cmd_pseudolabel,
+    "segmenter": cmd_segmenter,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
 }
