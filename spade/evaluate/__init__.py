@@ -1,0 +1,1 @@
+"""Evaluation: FID, segmentation metrics (mIoU, pixel accuracy) and the segmenters they rely on."""
