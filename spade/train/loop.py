@@ -329,9 +329,7 @@ def train(
         if not stopped:
             last_ckpt = save(it)
             if info.is_main:
-                final_model = _make_checkpoint(settings, gside, disc, lineage(it)).save(
-                    Path(tc.out_dir) / "final.pt"
-                )
+                final_model = _make_checkpoint(settings, gside, disc, lineage(it)).save(Path(tc.out_dir) / "final.pt")
                 tracker.log_artifact(final_model, "model")
         if info.is_main:
             # on SIGTERM the pod has a short grace period: do not wait long for an absent server
