@@ -117,3 +117,30 @@ def test_evaluate_names_missing_inception_weights(world, tmp_path, monkeypatch):
     )  # fmt: skip
     assert proc.returncode == 1
     assert "pt_inception-2015-12-05-6726825d.pth" in proc.stderr
+
+
+def test_bf16_evaluation_agrees_with_float32(world, tmp_path):
+    data = DataConfig(root=str(world["data"]), split="val")
+    kwargs = dict(segmenter="small", segmenter_weights=world["segmenter"], fid=False, progress=False,
+                  tracking=TrackingConfig(enabled=False))  # fmt: skip
+    exact = evaluate(world["model"], data, out_dir=tmp_path / "f32", **kwargs).metrics
+    fast = evaluate(world["model"], data, out_dir=tmp_path / "bf16", precision="bfloat16", **kwargs).metrics
+    assert abs(fast["accuracy"] - exact["accuracy"]) < 0.03
+    assert abs(fast["mIoU"] - exact["mIoU"]) < 0.05
+
+
+def test_metrics_go_to_the_checkpoints_own_training_run(world, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    params = tiny_params(world["data"], tmp_path / "run", train={"iterations": 2, "batch_size": 8})
+    params["tracking"] = {"enabled": True, "tracking_uri": uri, "experiment": "own-run"}
+    result = train(Settings.from_dict(params), progress=False)
+    assert Checkpoint.load(result.final_model).meta["mlflow_run_id"] == result.run_id
+    data = DataConfig(root=str(world["data"]), split="val")
+    ev = evaluate(result.final_model, data, segmenter="small", segmenter_weights=world["segmenter"], fid=False,
+                  out_dir=tmp_path / "ev", progress=False)  # fmt: skip
+    assert ev.mlflow_run_id == result.run_id
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(result.run_id)
+    assert run.data.metrics["eval_mIoU"] == pytest.approx(ev.metrics["mIoU"])
+    assert run.info.status == "FINISHED"

@@ -68,7 +68,9 @@ def evaluate(
     out_dir = Path(out_dir)
     synth = Synthesizer.from_file(checkpoint, device=device, precision=precision)
     cfg = synth.config
-    seg = load_segmenter(segmenter, segmenter_weights, device=device, num_classes=cfg.label_nc)
+    # bf16 runs the generator and the segmenter under autocast; FID stays float32 (it is sensitive)
+    bf16 = precision == "bfloat16"
+    seg = load_segmenter(segmenter, segmenter_weights, device=device, num_classes=cfg.label_nc, bf16=bf16)
     if seg.num_classes != cfg.label_nc:
         raise SpadeError(
             f"segmenter {segmenter} predicts {seg.num_classes} classes but the model uses {cfg.label_nc}: "
