@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -76,12 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, epilog: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=EXAMPLES[name],
+            epilog=epilog or EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
@@ -219,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass in directory mode")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+
+    from spade.serve import package
+
+    p = add("package", "Build a TorchServe model archive (.mar) and the KServe storage layout.", package.EXAMPLES)
+    package.add_arguments(p)
+
     return parser
 
 
@@ -456,7 +463,13 @@ COMMANDS = {
     "segmenter": cmd_segmenter,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
+    "package": lambda args: _serve_main("package", args),
 }
+
+
+def _serve_main(name: str, args: argparse.Namespace) -> int | None:
+    module = importlib.import_module(f"spade.serve.{name}")
+    return module.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,26 @@ from spade.labels import IMAGE_SUFFIXES, read_id_map, semantic_input, to_class_i
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 matrix products run natively (AMX / AVX512-BF16 on CPU, Ampere+ on CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """ "auto" -> "bfloat16" where the device runs it natively, else "float32"; other names pass through."""
+    if precision == "auto":
+        return "bfloat16" if bf16_supported(device) else "float32"
+    if precision not in PRECISIONS:
+        raise SpadeError(f"unknown precision {precision!r}; use auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
 @dataclass
 class LabelInput:
     """One prepared input: class ids (and instance ids) at the model's resolution."""
@@ -112,12 +132,10 @@ class Synthesizer:
     """A checkpoint's generator (and encoder) loaded once, ready to synthesize batches."""
 
     def __init__(self, checkpoint: Checkpoint, *, device: str = "cpu", precision: str = "float32") -> None:
-        if precision not in PRECISIONS:
-            raise SpadeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.device = torch.device(device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.generator = checkpoint.build_generator().to(self.device)
         encoder = checkpoint.build_encoder()
         self.encoder = encoder.to(self.device) if encoder is not None else None
@@ -160,15 +178,17 @@ class Synthesizer:
         *,
         style: torch.Tensor | None = None,
         seed: int = 0,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Class ids (N, 1, H, W) [+ instance ids] -> images (N, 3, H, W) in [-1, 1], float32.
 
-        A multi-modal (encoder) model uses the style images' mu as z when `style` is
-        given, else z drawn from `seed`.
+        A multi-modal (encoder) model uses `z` when given (one style vector per
+        image), else the style images' mu when `style` is given, else z drawn from `seed`.
         """
         seg = semantic_input(label.to(self.device), self.config, None if instance is None else instance.to(self.device))
-        z = None
-        if style is not None:
+        if z is not None:
+            z = z.to(self.device)
+        elif style is not None:
             z = self.encode_style(style)
         elif self.multimodal:
             z = self.style_noise(label.shape[0], seed).to(self.device)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from train_helpers import SPADE, child_env
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_builders import PALETTE, block_sample, make_ade20k, make_cityscapes, make_flat, save_ids, save_photo
 from PIL import ImageFile
 from torch.utils.data import DataLoader
 
+from data_builders import PALETTE, block_sample, make_ade20k, make_cityscapes, make_flat, save_ids, save_photo
 from spade.config import PREPROCESS_MODES, DataConfig, ModelConfig
 from spade.data import SegmentationDataset, build_dataset, check_samples, find_pairs
 from spade.data.transforms import Geometry, plan, resized_size

@@ -3,8 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_builders import block_sample, make_ade20k, make_cityscapes, make_flat, save_ids, save_photo
 
+from data_builders import block_sample, make_ade20k, make_cityscapes, make_flat, save_ids, save_photo
 from spade.config import DataConfig
 from spade.data.layouts import Sample, find_pairs
 from spade.errors import SpadeError

@@ -6,7 +6,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from train_helpers import SPADE, child_env, tiny_params
 
 from spade.checkpoints import Checkpoint
 from spade.config import DataConfig, ModelConfig, Settings, TrackingConfig
@@ -20,6 +19,7 @@ from spade.evaluate.segmenters import load_segmenter
 from spade.evaluate.segmenters.small import train_small_segmenter
 from spade.labels import read_id_map
 from spade.train.loop import train
+from train_helpers import SPADE, child_env, tiny_params
 
 
 @pytest.fixture(scope="module")

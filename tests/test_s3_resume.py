@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import SPADE, child_env, free_port, tiny_params, wait_for, write_params
 
 from spade.checkpoints import Checkpoint
 from spade.data.synthetic import generate_builtin_dataset
+from train_helpers import SPADE, child_env, free_port, tiny_params, wait_for, write_params
 
 BUCKET = "spade-ckpts"
 S3_ENV = {

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import SPADE, MlflowServer, child_env, tiny_params, wait_for, write_params
 
 from spade.checkpoints import Checkpoint
 from spade.config import load_settings
 from spade.data.synthetic import generate_builtin_dataset
 from spade.train.checkpointing import list_checkpoints
+from train_helpers import SPADE, MlflowServer, child_env, tiny_params, wait_for, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("G_GAN", "G_feat", "D_real", "D_fake")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import SPADE, child_env, free_port, tiny_params, wait_for, write_params
 
 from spade.checkpoints import Checkpoint
 from spade.config import Settings, load_settings
 from spade.data.synthetic import generate_builtin_dataset
 from spade.errors import SpadeError
 from spade.train.checkpointing import list_checkpoints
+from train_helpers import SPADE, child_env, free_port, tiny_params, wait_for, write_params
 
 
 @pytest.fixture(scope="session")

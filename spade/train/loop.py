@@ -196,6 +196,7 @@ def train(
         objective = Objective(mc, tc, vgg, world_size=info.world_size)
         tracker = _make_tracker(settings, run_id, info)
         fingerprint = (dataset_fingerprint or _fingerprint(dataset)) if info.is_main else ""
+        classes = _class_info(settings)
         if info.is_main:
             params = flatten(settings.to_dict())
             params.update({"world_size": info.world_size, "device": device.type, "dataset_size": len(dataset)})
@@ -232,6 +233,7 @@ def train(
                 "dataset_fingerprint": fingerprint,
                 "mlflow_run_id": tracker.run_id,
                 "mlflow_tracking_uri": getattr(tracker, "uri", None),
+                **classes,
             }
 
         def save(iteration: int) -> str | None:
@@ -399,6 +401,25 @@ def _gather(obj: dict, info: DistInfo) -> list:
 def _checksums(*modules: nn.Module) -> list[float]:
     """One float64 sum per parameter and buffer: equal lists mean equal replicas (in practice)."""
     return [float(t.detach().double().sum()) for m in modules for t in _unwrap(m).state_dict().values()]
+
+
+def _class_info(settings: Settings) -> dict:
+    """Class names (and the built-in data set's colours) for the checkpoint, so serving can show them."""
+    from spade.data.synthetic import read_class_names
+    from spade.visualize import dataset_colours
+
+    root = settings.data.root
+    try:
+        names = read_class_names(root)
+    except SpadeError:
+        return {}
+    if len(names) != settings.model.label_nc:
+        return {}
+    info: dict = {"class_names": names}
+    colours = dataset_colours(root, settings.model.label_nc)
+    if colours is not None:
+        info["class_colours"] = colours.tolist()
+    return info
 
 
 def _make_checkpoint(settings: Settings, gside: nn.Module, disc: nn.Module, meta: dict) -> Checkpoint:

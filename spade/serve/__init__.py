@@ -1,0 +1,1 @@
+"""Serving: the synthesis service, its TorchServe adapter, archives for TorchServe and KServe, registration."""
