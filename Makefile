@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean tools
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,15 +19,23 @@ demo: $(STAMP)
 	$(VENV)/bin/spade demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check spade tests
-	$(VENV)/bin/ruff format --check spade tests
+	$(VENV)/bin/ruff check spade tests benchmarks
+	$(VENV)/bin/ruff format --check spade tests benchmarks
 
-test: lint
+# System tools the suite drives for real: Chromium (the painter page) and Java 17 (TorchServe).
+tools:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17: apt-get install openjdk-17-jre-headless"; exit 1; }
+
+test: lint tools
 	$(PY) -m pytest
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format spade tests
-	$(VENV)/bin/ruff check --fix spade tests
+	$(VENV)/bin/ruff format spade tests benchmarks
+	$(VENV)/bin/ruff check --fix spade tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info data/builtin runs mlruns.db mlartifacts

@@ -221,10 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
 
-    from spade.serve import package
+    from spade.serve import package, studio
 
     p = add("package", "Build a TorchServe model archive (.mar) and the KServe storage layout.", package.EXAMPLES)
     package.add_arguments(p)
+
+    p = add("studio", "The GauGAN painter: paint a label map in the browser, see the photo appear.", studio.EXAMPLES)
+    studio.add_arguments(p)
 
     return parser
 
@@ -464,6 +467,7 @@ COMMANDS = {
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
     "package": lambda args: _serve_main("package", args),
+    "studio": lambda args: _serve_main("studio", args),
 }
 
 

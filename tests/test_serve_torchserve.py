@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 import zipfile
@@ -197,3 +198,31 @@ def test_kserve_layout_serves_the_v1_envelope(archive, tmp_path):
             {"Content-Type": "application/json"},
         )  # fmt: skip
         assert status == 400 and "instances[0]: unknown field(s) 'lable'" in json.loads(answer)["error"]
+
+
+def test_studio_talks_to_the_real_torchserve(server):
+    """`spade studio --endpoint`: the model description and images come from TorchServe, with its token."""
+    from spade.serve.studio import EndpointBackend, make_server
+
+    backend = EndpointBackend(f"{server.inference_url}/predictions/{NAME}", server.inference_key)
+    studio = make_server(backend, "127.0.0.1", 0)
+    thread = threading.Thread(target=studio.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with urllib.request.urlopen(f"{studio.url}api/info", timeout=30) as resp:
+            info = json.loads(resp.read())
+        assert (info["width"], info["height"], info["label_nc"], info["multimodal"]) == (32, 32, 8, True)
+        values = base64.b64encode(label_map(32, 32).tobytes()).decode()
+        images = []
+        for seed in (1, 2):
+            body = json.dumps({"label_values": values, "width": 32, "height": 32, "seed": seed}).encode()
+            status, headers, data = post(f"{studio.url}api/synthesize", body, {"Content-Type": "application/json"})
+            assert status == 200 and Image.open(io.BytesIO(data)).size == (32, 32)
+            images.append(data)
+        assert images[0] != images[1]
+        body = json.dumps({"label_values": base64.b64encode(bytes([9] * 1024)).decode(), "width": 32, "height": 32})
+        status, _, data = post(f"{studio.url}api/synthesize", body.encode(), {"Content-Type": "application/json"})
+        assert status == 400 and "label values 9" in json.loads(data)["error"]  # TorchServe's 4xx, passed through
+    finally:
+        studio.shutdown()
+        studio.server_close()

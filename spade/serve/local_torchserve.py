@@ -81,7 +81,10 @@ class LocalTorchServe:
 
     def _keys(self) -> dict:
         path = self.workdir / "key_file.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # not written yet, or being written
+            return {}
 
     @property
     def inference_key(self) -> str | None:

@@ -39,24 +39,13 @@ from PIL import Image, UnidentifiedImageError
 from spade.checkpoints import Checkpoint
 from spade.errors import SpadeError
 from spade.labels import SINGLE_CHANNEL_MODES, to_class_ids
+from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response
 from spade.synthesize import Synthesizer, _resize_ids, to_uint8
 
 FIELDS = ("label", "instance", "style", "seed", "output_size")
-DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_INSTANCES = 16
 MAX_SEED = 2**63 - 1
 _BASE64_TEXT = re.compile(rb"(data:[\w/+.-]*;base64,)?[A-Za-z0-9+/=\s]+")
-
-
-class RequestError(SpadeError):
-    """A client error: `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def to_json(self) -> dict:
-        return {"error": str(self), "status": self.status}
 
 
 @dataclass
@@ -68,23 +57,6 @@ class SynthesisRequest:
     style: torch.Tensor | None = None  # (3, H, W) in [-1, 1] at the model's resolution
     seed: int = 0
     output_size: tuple[int, int] | None = None  # (width, height) of the answer; None = the model's
-
-
-@dataclass
-class Response:
-    """What to send back for one payload: an HTTP status, a content type and a body."""
-
-    status: int
-    content_type: str
-    body: bytes
-
-    @classmethod
-    def error(cls, err: RequestError) -> Response:
-        return cls(err.status, "application/json", json.dumps(err.to_json()).encode())
-
-    @property
-    def ok(self) -> bool:
-        return self.status < 400
 
 
 @dataclass

@@ -1,0 +1,38 @@
+"""What the serving pieces exchange: client errors and responses (no torch, so front ends stay light)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from spade.errors import SpadeError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class RequestError(SpadeError):
+    """A client error: `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def to_json(self) -> dict:
+        return {"error": str(self), "status": self.status}
+
+
+@dataclass
+class Response:
+    """What to send back for one payload: an HTTP status, a content type and a body."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def error(cls, err: RequestError) -> Response:
+        return cls(err.status, "application/json", json.dumps(err.to_json()).encode())
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
