@@ -86,5 +86,9 @@ def run_demo(params: Path | None, overrides: list[str]) -> Path:
     print(
         f"    .venv/bin/spade synthesize --checkpoint {result.final_model} --label {samples[0].label} --output mine.png"
     )
+    print("  paint one in the browser (GauGAN-style), then open the printed URL:")
+    print(f"    .venv/bin/spade studio --checkpoint {result.final_model}")
+    print("  serve it with TorchServe:")
+    print(f"    .venv/bin/spade package --checkpoint {result.final_model} --name landscapes --version 1 --out dist/")
     sys.stdout.flush()
     return grid_path
