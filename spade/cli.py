@@ -221,10 +221,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
 
-    from spade.serve import package, studio
+    from spade.serve import package, register, studio
 
     p = add("package", "Build a TorchServe model archive (.mar) and the KServe storage layout.", package.EXAMPLES)
     package.add_arguments(p)
+
+    p = add(
+        "register",
+        "Register a model archive in MLflow; promote it to champion if it passes the gate.",
+        register.EXAMPLES,
+    )
+    register.add_arguments(p)
 
     p = add("studio", "The GauGAN painter: paint a label map in the browser, see the photo appear.", studio.EXAMPLES)
     studio.add_arguments(p)
@@ -467,6 +474,7 @@ COMMANDS = {
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
     "package": lambda args: _serve_main("package", args),
+    "register": lambda args: _serve_main("register", args),
     "studio": lambda args: _serve_main("studio", args),
 }
 

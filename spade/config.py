@@ -315,13 +315,50 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    """`spade register`: where archives are stored and the gate a new version passes to become `champion`.
+
+    `store` is a folder or s3://bucket/prefix. A candidate passes when its FID is at most the champion's
+    plus `fid_tolerance` and its mIoU at least the champion's minus `miou_tolerance` (a metric missing on
+    either side is not compared; at least one must be). `fid_key` and `miou_key` name the values in the
+    evaluation's metrics.json. An empty `model_name` takes the archive's model name; an empty
+    `torchserve_url` skips TorchServe (its token comes from $TORCHSERVE_MANAGEMENT_TOKEN or --torchserve-token).
+    """
+
+    model_name: str = ""
+    store: str = "runs/model-store"
+    fid_tolerance: float = 0.5
+    miou_tolerance: float = 0.005
+    fid_key: str = "fid"
+    miou_key: str = "mIoU"
+    torchserve_url: str = ""
+    torchserve_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.store:
+            problems.append("store must name a folder or s3://bucket/prefix")
+        for name in ("fid_tolerance", "miou_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                problems.append(f"{name} must be a number >= 0, got {value!r}")
+        if not self.fid_key or not self.miou_key:
+            problems.append("fid_key and miou_key must name keys of metrics.json")
+        if not self.torchserve_timeout > 0:
+            problems.append(f"torchserve_timeout must be > 0 seconds, got {self.torchserve_timeout!r}")
+        if problems:
+            raise SpadeError("invalid register settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Everything `params.yaml` holds, typed. Sections: model, data, train, tracking."""
+    """Everything `params.yaml` holds, typed. Sections: model, data, train, tracking, register."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def to_dict(self) -> dict:
         return {
@@ -329,11 +366,18 @@ class Settings:
             "data": asdict(self.data),
             "train": asdict(self.train),
             "tracking": asdict(self.tracking),
+            "register": asdict(self.register),
         }
 
     @classmethod
     def from_dict(cls, raw: dict) -> Settings:
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+        sections = {
+            "model": ModelConfig,
+            "data": DataConfig,
+            "train": TrainConfig,
+            "tracking": TrackingConfig,
+            "register": RegisterConfig,
+        }
         raw = dict(raw or {})
         values = {}
         for name, section_cls in sections.items():

@@ -474,6 +474,7 @@ def browser():
     # no skipping: the page is part of the product (make tools installs Chromium)
     assert CHROMIUM.exists(), f"no Chromium at {CHROMIUM}; run `make tools` (apt-get install chromium)"
     from playwright import sync_api
+
     with sync_api.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
