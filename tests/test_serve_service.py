@@ -282,3 +282,26 @@ def test_service_rejects_bad_settings():
 def test_request_error_is_a_client_error():
     err = RequestError("too big", 413)
     assert err.to_json() == {"error": "too big", "status": 413}
+
+
+def test_bf16_fast_path_stays_within_30_db_of_float32_on_a_trained_model(tmp_path):
+    """The serving default (bf16 autocast where native) on a briefly trained model, over its validation maps."""
+    from spade.config import Settings
+    from spade.data.synthetic import generate_builtin_dataset
+    from spade.train.loop import train
+    from train_helpers import tiny_params
+
+    data = generate_builtin_dataset(tmp_path / "data", count=32, val_count=8, size=32, progress=False)
+    settings = Settings.from_dict(tiny_params(data, tmp_path / "run", train={"iterations": 40, "batch_size": 8}))
+    model = train(settings, progress=False).final_model
+    labels = [p.read_bytes() for p in sorted((data / "val_label").glob("*.png"))]
+    exact = SynthesisService(model, precision="float32").handle(labels)
+    fast_service = SynthesisService(model, precision="bfloat16")
+    fast = fast_service.handle(labels)
+    worst = min(
+        10 * np.log10(255**2 / max(((decode(a.body).astype(float) - decode(b.body)) ** 2).mean(), 1e-12))
+        for a, b in zip(exact, fast, strict=True)
+    )
+    assert worst >= 30, worst
+    # the class names of the training data travel in the checkpoint
+    assert [c["name"] for c in fast_service.info()["classes"]][:3] == ["sky", "cloud", "mountain"]
