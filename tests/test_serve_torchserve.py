@@ -155,6 +155,9 @@ def test_bad_requests_get_4xx_json_and_the_worker_survives(server):
     assert predict(server, png(label_map()))[0] == 200
     workers_after = server.request("GET", f"/models/{NAME}")[0]["workers"]
     assert [w["pid"] for w in workers_after] == [w["pid"] for w in workers_before]
+    # the model was loaded once by the one worker, not per request
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    assert log.count("spade: loaded spade_model.pt") == 1
 
 
 def test_concurrent_requests_share_one_batched_forward(server):

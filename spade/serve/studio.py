@@ -27,6 +27,7 @@ import io
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -735,11 +736,36 @@ def main(args: argparse.Namespace) -> None:
         if not server.loopback:
             print(f"warning: listening on {args.host}: anyone who can reach this port can use the model", flush=True)
         print(f"serving at {server.url}  (Ctrl-C to stop)", flush=True)
-        server.serve_forever()
-    except KeyboardInterrupt:
+        with _stop_on_signals(server) as stopping:
+            server.serve_forever()
+        if stopping.is_set():
+            print("\nstopping", flush=True)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
         print("\nstopping", flush=True)
     finally:
         server.server_close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(server: ThreadingHTTPServer):
+    """Ctrl-C / SIGTERM end serve_forever from a helper thread instead of raising KeyboardInterrupt
+    wherever the main thread happens to be (inside a lock, say, which would then never be released)."""
+    stopping = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopping
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 __all__ = [
