@@ -221,7 +221,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
 
+    from spade.data import fetch
     from spade.serve import package, register, studio
+
+    p = add(
+        "fetch",
+        "Fetch a dataset (folder, archive, http(s), s3:// or flickr:) and recognise its layout.",
+        fetch.EXAMPLES,
+    )
+    fetch.add_arguments(p)
 
     p = add("package", "Build a TorchServe model archive (.mar) and the KServe storage layout.", package.EXAMPLES)
     package.add_arguments(p)
@@ -473,6 +481,7 @@ COMMANDS = {
     "segmenter": cmd_segmenter,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
+    "fetch": lambda args: importlib.import_module("spade.data.fetch").main(args),
     "package": lambda args: _serve_main("package", args),
     "register": lambda args: _serve_main("register", args),
     "studio": lambda args: _serve_main("studio", args),

@@ -1,0 +1,488 @@
+"""spade.data.fetch: local folders and archives, http(s) with resume, s3:// (a real moto_server), layouts,
+checksums, and archives that try to write outside the dataset folder."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from spade.data import fetch as fetch_mod
+from spade.data import flickr as flickr_mod
+from spade.data.fetch import FetchResult, add_arguments, detect_layout, fetch_dataset, main
+from spade.data.fingerprint import files_fingerprint
+from spade.data.synthetic import generate_builtin_dataset
+from spade.errors import SpadeError
+
+ARCHIVES = ("zip", "tar", "tar.gz", "tgz", "tar.bz2", "tar.xz")
+TAR_MODES = {"tar": "w", "tar.gz": "w:gz", "tgz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Path:
+    return generate_builtin_dataset(
+        tmp_path_factory.mktemp("builtin") / "landscapes", count=6, val_count=2, size=32, progress=False
+    )
+
+
+def dataset_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def make_archive(folder: Path, dest: Path, kind: str, top: str | None = "landscapes") -> Path:
+    """`folder` packed as `dest` (its files under `top/`, or at the archive root)."""
+    files = dataset_files(folder)
+    arc = lambda p: f"{top}/{p.relative_to(folder).as_posix()}" if top else p.relative_to(folder).as_posix()  # noqa: E731
+    if kind == "zip":
+        with zipfile.ZipFile(dest, "w") as zf:
+            for p in files:
+                zf.write(p, arc(p))
+    else:
+        with tarfile.open(dest, TAR_MODES[kind]) as tf:
+            for p in files:
+                tf.add(p, arc(p))
+    return dest
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def no_leftovers(parent: Path, out_name: str) -> None:
+    stray = [p.name for p in parent.iterdir() if p.name.startswith(f".{out_name}.")]
+    assert not stray, f"temporary files left behind: {stray}"
+
+
+# --------------------------------------------------------------------------- local sources
+
+
+def test_local_folder_is_copied_and_refetch_is_a_no_op(tmp_path, builtin):
+    out = tmp_path / "data"
+    result = fetch_dataset(str(builtin), out, progress=False)
+    assert isinstance(result, FetchResult)
+    assert result.path == out and result.layout == "custom" and not result.needs_labels
+    assert result.files == len(dataset_files(builtin))
+    assert result.fingerprint == files_fingerprint(dataset_files(builtin), builtin)
+    assert json.loads((out / "fetch.json").read_text()) == result.to_dict()
+    assert (out / "classes.txt").read_text() == (builtin / "classes.txt").read_text()
+    no_leftovers(tmp_path, "data")
+
+    marker = out / fetch_mod.MARKER_NAME
+    before = marker.stat().st_mtime_ns
+    again = fetch_dataset(str(builtin), out, progress=False)
+    assert again == result and marker.stat().st_mtime_ns == before  # nothing was done
+
+    (out / "train_img" / "000000.jpg").unlink()
+    forced = fetch_dataset(str(builtin), out, force=True, progress=False)
+    assert (out / "train_img" / "000000.jpg").is_file() and forced.fingerprint == result.fingerprint
+
+
+def test_a_foreign_folder_is_not_overwritten(tmp_path, builtin):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(SpadeError, match="not written by spade fetch"):
+        fetch_dataset(str(builtin), out, force=True, progress=False)
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("kind", ARCHIVES)
+def test_local_archives_are_extracted_into_the_dataset_root(tmp_path, builtin, kind):
+    archive = make_archive(builtin, tmp_path / f"landscapes.{kind}", kind)
+    out = tmp_path / "out" / "data"
+    result = fetch_dataset(str(archive), out, sha256=sha(archive), progress=False)
+    assert result.layout == "custom" and result.path == out
+    assert (out / "classes.txt").is_file() and (out / "train_label" / "000000.png").is_file()
+    assert result.fingerprint == files_fingerprint(dataset_files(builtin), builtin)
+    no_leftovers(out.parent, "data")
+
+
+def test_archive_without_a_top_folder_and_explicit_layout(tmp_path, builtin):
+    archive = make_archive(builtin, tmp_path / "flat.zip", "zip", top=None)
+    result = fetch_dataset(str(archive), tmp_path / "d", layout="custom", progress=False)
+    assert result.layout == "custom" and (tmp_path / "d" / "classes.txt").is_file()
+    with pytest.raises(SpadeError, match="not in the cityscapes layout"):
+        fetch_dataset(str(archive), tmp_path / "e", layout="cityscapes", progress=False)
+    assert not (tmp_path / "e").exists()
+    no_leftovers(tmp_path, "e")
+
+
+def test_tar_of_dot_and_refetch_of_another_source_replaces(tmp_path, builtin):
+    archive = tmp_path / "dot.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(builtin, ".")  # members ".", "./classes.txt", ... as `tar -C DIR .` writes them
+    first = fetch_dataset(str(archive), tmp_path / "d", progress=False)
+    assert first.layout == "custom" and (tmp_path / "d" / "classes.txt").is_file()
+    photos = tmp_path / "photos"
+    touch(photos, "a.jpg", "b.png")
+    second = fetch_dataset(str(photos), tmp_path / "d", progress=False)  # another source: replaced
+    assert second.layout == "photos" and second.files == 2 and not (tmp_path / "d" / "classes.txt").exists()
+    no_leftovers(tmp_path, "d")
+
+
+def test_local_sha256_mismatch_extracts_nothing(tmp_path, builtin):
+    archive = make_archive(builtin, tmp_path / "a.tar.gz", "tar.gz")
+    with pytest.raises(SpadeError, match="sha256 mismatch"):
+        fetch_dataset(str(archive), tmp_path / "d", sha256="0" * 64, progress=False)
+    assert not (tmp_path / "d").exists()
+    no_leftovers(tmp_path, "d")
+    with pytest.raises(SpadeError, match="64 hex digits"):
+        fetch_dataset(str(archive), tmp_path / "d", sha256="abc", progress=False)
+
+
+def test_missing_source_and_non_archive(tmp_path):
+    with pytest.raises(SpadeError, match="source not found"):
+        fetch_dataset(str(tmp_path / "nope"), tmp_path / "d", progress=False)
+    (tmp_path / "x.bin").write_bytes(b"not an archive at all")
+    with pytest.raises(SpadeError, match="not an archive"):
+        fetch_dataset(str(tmp_path / "x.bin"), tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"\x89PNG fake")
+
+
+SKELETONS = {
+    "coco": ("train_img/000000000009.jpg", "train_label/000000000009.png", "train_inst/000000000009.png"),
+    "ade20k": ("images/training/ADE_train_00000001.jpg", "annotations/training/ADE_train_00000001.png"),
+    "cityscapes": (
+        "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
+        "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png",
+        "gtFine/train/aachen/aachen_000000_000019_gtFine_instanceIds.png",
+    ),
+    "custom": ("classes.txt", "val_img/a.jpg", "val_label/a.png"),
+    "photos": ("images/lake.jpg", "images/sub/peak.png"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SKELETONS))
+def test_layouts_are_recognised(tmp_path, layout):
+    src = tmp_path / "src" / "top"
+    touch(src, *SKELETONS[layout])
+    assert detect_layout(src) == layout
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(src, "top")
+    result = fetch_dataset(str(archive), tmp_path / "d", progress=False)
+    assert result.layout == layout and result.needs_labels == (layout == "photos")
+    assert result.files == len(SKELETONS[layout])
+
+
+def test_labels_only_archive_is_not_a_photo_collection(tmp_path):
+    touch(tmp_path / "src", "gtFine/train/aachen/a_gtFine_labelIds.png", "README")
+    with pytest.raises(SpadeError, match="no known dataset layout"):
+        detect_layout(tmp_path / "src")
+
+
+def test_unknown_layout_names_what_is_there(tmp_path):
+    touch(tmp_path / "src", "readme.md", "stuff/a.txt")
+    with pytest.raises(SpadeError, match=r"no known dataset layout \(it holds readme.md, stuff/\)"):
+        fetch_dataset(str(tmp_path / "src"), tmp_path / "d", progress=False)
+    with pytest.raises(SpadeError, match="unknown layout"):
+        fetch_dataset(str(tmp_path / "src"), tmp_path / "d", layout="kitti", progress=False)
+
+
+# --------------------------------------------------------------------------- http(s)
+
+
+class FileServer:
+    """Serves one blob at /data/<name> on 127.0.0.1; can ignore Range and drop connections after N bytes."""
+
+    def __init__(self, body: bytes, *, ranges: bool = True, drops: int = 0, drop_after: int = 0) -> None:
+        self.body, self.ranges, self.drops, self.drop_after = body, ranges, drops, drop_after
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                if not self.path.startswith("/data/"):
+                    self.send_error(404)
+                    return
+                body, start = server.body, 0
+                rng = self.headers.get("Range")
+                if rng and server.ranges:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.send_header("ETag", '"v1"')
+                self.end_headers()
+                chunk = body[start:]
+                if server.drops > 0:
+                    server.drops -= 1
+                    self.wfile.write(chunk[: server.drop_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/data/{name}"
+
+    def __enter__(self) -> FileServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def archive_tgz(builtin, tmp_path_factory) -> Path:
+    return make_archive(builtin, tmp_path_factory.mktemp("arc") / "landscapes.tar.gz", "tar.gz")
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch):
+    monkeypatch.setattr(fetch_mod.time, "sleep", lambda s: None)
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["range", "no-range"])
+def test_http_download_interrupted_mid_way_resumes_or_restarts(tmp_path, archive_tgz, builtin, ranges):
+    body = archive_tgz.read_bytes()
+    with FileServer(body, ranges=ranges, drops=1, drop_after=len(body) // 3) as server:
+        result = fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", sha256=sha(archive_tgz), progress=False)
+    assert result.layout == "custom"
+    assert result.fingerprint == files_fingerprint(dataset_files(builtin), builtin)
+    assert [r["range"] for r in server.requests] == [None, f"bytes={len(body) // 3}-"]
+    no_leftovers(tmp_path, "d")
+
+
+def test_http_part_file_survives_a_failed_run_and_the_next_run_resumes(tmp_path, archive_tgz, monkeypatch):
+    monkeypatch.setattr(fetch_mod, "DOWNLOAD_ATTEMPTS", 2)
+    body = archive_tgz.read_bytes()
+    with FileServer(body, drops=2, drop_after=1000) as server:
+        with pytest.raises(SpadeError, match="run again to resume"):
+            fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", progress=False)
+        part = tmp_path / ".d.fetch" / "landscapes.tar.gz.part"
+        assert part.stat().st_size == 2000 and not (tmp_path / "d").exists()
+        result = fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", progress=False)
+    assert result.layout == "custom"
+    assert server.requests[-1]["range"] == "bytes=2000-"
+    no_leftovers(tmp_path, "d")
+
+
+def test_http_sha256_mismatch_leaves_nothing(tmp_path, archive_tgz):
+    with FileServer(archive_tgz.read_bytes()) as server:
+        with pytest.raises(SpadeError, match="sha256 mismatch.*deleted"):
+            fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", sha256="f" * 64, progress=False)
+        with pytest.raises(SpadeError, match="HTTP 404"):
+            fetch_dataset(server.url("x").replace("/data/", "/nope/"), tmp_path / "d", progress=False)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------- s3://
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    import boto3
+
+    from train_helpers import child_env, free_port, wait_for
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    moto = Path(sys.executable).parent / "moto_server"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)  # fmt: skip
+        try:
+            client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                  aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"moto_server exited: {log_path.read_text()[-2000:]}")
+                try:
+                    client.list_buckets()
+                    return True
+                except Exception:  # noqa: BLE001 - not listening yet
+                    return False
+
+            wait_for(up, 30, "moto_server to answer")
+            client.create_bucket(Bucket="datasets")
+            yield env, client
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_s3_archive_and_folder(tmp_path, s3_env, builtin, archive_tgz, monkeypatch):
+    env, client = s3_env
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    client.upload_file(str(archive_tgz), "datasets", "archives/landscapes.tar.gz")
+    for p in dataset_files(builtin):
+        client.upload_file(str(p), "datasets", f"folders/landscapes/{p.relative_to(builtin).as_posix()}")
+    expected = files_fingerprint(dataset_files(builtin), builtin)
+
+    a = fetch_dataset(
+        "s3://datasets/archives/landscapes.tar.gz", tmp_path / "a", sha256=sha(archive_tgz), progress=False
+    )
+    b = fetch_dataset("s3://datasets/folders/landscapes/", tmp_path / "b", progress=False)
+    assert (a.layout, b.layout) == ("custom", "custom")
+    assert a.fingerprint == b.fingerprint == expected
+    with pytest.raises(SpadeError, match="nothing under that prefix"):
+        fetch_dataset("s3://datasets/missing", tmp_path / "c", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- archive attacks
+
+
+def tar_with(path: Path, *members: tarfile.TarInfo) -> Path:
+    with tarfile.open(path, "w") as tf:
+        ok = tarfile.TarInfo("data/ok.txt")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+        for m in members:
+            tf.addfile(m, io.BytesIO(b"x" * m.size) if m.isfile() else None)
+    return path
+
+
+def info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname = kind, link
+    m.size = 1 if kind == tarfile.REGTYPE else 0
+    return m
+
+
+ATTACKS = {
+    "dotdot": (info("../evil"), "../evil"),
+    "nested-dotdot": (info("data/../../evil"), "data/../../evil"),
+    "absolute": (info("/tmp/abs-evil"), "/tmp/abs-evil"),
+    "member-named-dotdot": (info("..", tarfile.DIRTYPE), "'..'"),
+    "symlink-to-etc": (info("data/etc", tarfile.SYMTYPE, "/etc"), "data/etc"),
+    "symlink-up": (info("data/up", tarfile.SYMTYPE, "../../.."), "data/up"),
+    "hardlink-out": (info("data/h", tarfile.LNKTYPE, "../outside"), "data/h"),
+    "device": (info("data/dev", tarfile.CHRTYPE), "data/dev"),
+    "fifo": (info("data/fifo", tarfile.FIFOTYPE), "data/fifo"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_tar_attacks_are_refused_and_nothing_is_written(tmp_path, attack):
+    member, shown = ATTACKS[attack]
+    box = tmp_path / "box"
+    box.mkdir()
+    archive = tar_with(box / "evil.tar", member)
+    with pytest.raises(SpadeError, match="refused entry") as err:
+        fetch_dataset(str(archive), box / "out", progress=False)
+    assert shown.strip("'") in str(err.value) and str(archive) in str(err.value)
+    assert sorted(os.listdir(box)) == ["evil.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["box"]
+    assert not Path("/tmp/abs-evil").exists()
+
+
+def test_links_through_a_symlink_are_refused(tmp_path):
+    box = tmp_path / "box"
+    box.mkdir()
+    archive = tar_with(box / "evil.tar", info("data/inner", tarfile.SYMTYPE, "."), info("data/inner/../../../x"))
+    with pytest.raises(SpadeError, match="refused entry"):
+        fetch_dataset(str(archive), box / "out", progress=False)
+    archive = tar_with(box / "evil2.tar", info("data/sub", tarfile.SYMTYPE, "."), info("data/sub/f.txt"))
+    with pytest.raises(SpadeError, match="goes through the link"):
+        fetch_dataset(str(archive), box / "out", progress=False)
+    assert sorted(os.listdir(box)) == ["evil.tar", "evil2.tar"]
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "a/../../evil.txt"])
+def test_zip_attacks_are_refused(tmp_path, name):
+    box = tmp_path / "box"
+    box.mkdir()
+    archive = box / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("data/ok.txt", "ok")
+        zf.writestr(zipfile.ZipInfo(name), "evil")
+    with pytest.raises(SpadeError, match="refused entry") as err:
+        fetch_dataset(str(archive), box / "out", progress=False)
+    assert name in str(err.value)
+    assert sorted(os.listdir(box)) == ["evil.zip"] and sorted(os.listdir(tmp_path)) == ["box"]
+
+
+def test_zip_symlink_out_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        link = zipfile.ZipInfo("data/etc")
+        link.external_attr = (0o120777 << 16) | 0x20
+        zf.writestr(link, "/etc")
+    with pytest.raises(SpadeError, match="refused entry 'data/etc': a link to /etc"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["evil.zip"]
+
+
+def test_links_inside_the_dataset_are_kept(tmp_path):
+    touch(tmp_path / "src" / "images", "a.jpg")
+    archive = tmp_path / "ok.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(tmp_path / "src" / "images" / "a.jpg", "top/images/a.jpg")
+        tf.addfile(info("top/images/b.jpg", tarfile.SYMTYPE, "a.jpg"))
+        tf.addfile(info("top/images/c.jpg", tarfile.LNKTYPE, "top/images/a.jpg"))
+    result = fetch_dataset(str(archive), tmp_path / "d", progress=False)
+    # top/ and then images/ are single folders: both are entered
+    assert result.layout == "photos" and (tmp_path / "d" / "b.jpg").is_symlink() and result.files == 3
+    assert (tmp_path / "d" / "c.jpg").read_bytes() == b"\x89PNG fake"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_main(tmp_path, builtin, capsys):
+    parser = argparse.ArgumentParser(epilog=fetch_mod.EXAMPLES)
+    add_arguments(parser)
+    assert main(parser.parse_args([str(builtin), "--out", str(tmp_path / "d"), "--no-progress"])) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["layout"] == "custom" and printed["path"] == str(tmp_path / "d")
+    with pytest.raises(SpadeError, match="--count only apply to flickr"):
+        main(parser.parse_args([str(builtin), "--out", str(tmp_path / "e"), "--count", "3"]))
+    assert "flickr:?text=mountain+lake" in parser.format_help()
+
+
+def test_fetch_modules_import_nothing_heavy_at_module_level():
+    """`spade --help` stays fast: torch and friends are imported inside functions only."""
+    import ast
+
+    for module in (fetch_mod, flickr_mod):
+        tree = ast.parse(Path(module.__file__).read_text())
+        names = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        heavy = {n for n in names if n.split(".")[0] in ("torch", "numpy", "PIL", "boto3", "tqdm", "requests")}
+        assert not heavy and names & {"spade.data", "spade.data.layouts", "spade.labels"} == set(), names
