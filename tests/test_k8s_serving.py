@@ -1,4 +1,4 @@
-"""The KServe InferenceService manifest agrees with what `spade package` writes."""
+"""The KServe InferenceService manifest (k8s/base) agrees with what `spade package` writes."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def rendered() -> list[dict]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is needed to render the manifests (kubectl kustomize)"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "serving")], capture_output=True, text=True)
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "base")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return list(yaml.safe_load_all(out.stdout))
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc and doc["kind"] == "InferenceService"]
 
 
 def test_inference_service_runs_our_image_with_torchserve_as_a_custom_container():

@@ -1,0 +1,47 @@
+# One image for every component: training (torchrun -m spade train), evaluation, packaging, registration,
+# the pipeline's steps, the MLflow tracking server (mlflow server) and serving (torchserve, Java 17).
+#
+#   GPU (default):  docker build -t spade .
+#   CPU:            docker build -t spade:cpu \
+#                     --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
+#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+#
+# The CUDA base image already carries torch + torchvision built for CUDA; the CPU variant installs the CPU
+# wheels from TORCH_INDEX_URL first, so `pip install .` finds torch satisfied and pulls no CUDA libraries.
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX_URL=""
+ARG EXTRAS=serve,pipeline,tracking
+ARG APP_UID=10001
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# TorchServe's frontend is Java: a headless JRE 17 (bookworm and Ubuntu 22.04 both ship it).
+# (man1 must exist for the JRE's update-alternatives on slim images)
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+    && rm -rf /var/lib/apt/lists/* \
+    && java -version
+
+RUN useradd --create-home --uid ${APP_UID} --user-group --shell /bin/bash spade
+
+WORKDIR /app
+# .dockerignore keeps the context to the sources (no .venv, data, runs, MLflow stores)
+COPY --chown=spade:spade . /app
+
+# extras: serve (TorchServe), pipeline (kfp), tracking (PostgreSQL driver for mlflow server)
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" torch torchvision; fi \
+    && pip install ".[${EXTRAS}]" \
+    && spade --help > /dev/null \
+    && torchserve --help > /dev/null
+
+USER spade
+# inference, management, metrics (TorchServe); MLflow
+EXPOSE 8080 8081 8082 5000
+ENTRYPOINT ["spade"]
+CMD ["--help"]
