@@ -15,12 +15,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The whole training pipeline under kfp.local: built-in photos archive -> fetch -> pseudo-label -> train
+# -> evaluate -> package -> register (settings from params.yaml).
 demo: $(STAMP)
-	$(VENV)/bin/spade demo
+	$(VENV)/bin/spade pipeline demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check spade tests benchmarks
-	$(VENV)/bin/ruff format --check spade tests benchmarks
+	$(VENV)/bin/ruff check spade components pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check spade components pipelines tests benchmarks
 
 # System tools the suite drives for real: Chromium (the painter page) and Java 17 (TorchServe).
 tools:
@@ -34,8 +36,8 @@ test: lint tools
 	$(PY) -m pytest
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format spade tests benchmarks
-	$(VENV)/bin/ruff check --fix spade tests benchmarks
+	$(VENV)/bin/ruff format spade components pipelines tests benchmarks
+	$(VENV)/bin/ruff check --fix spade components pipelines tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info data/builtin runs mlruns.db mlartifacts

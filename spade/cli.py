@@ -221,8 +221,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
 
+    from pipelines import cli as pipeline_cli
     from spade.data import fetch
     from spade.serve import package, register, studio
+
+    p = add(
+        "pipeline", "Compile, run locally, submit or schedule the Kubeflow training pipeline.", pipeline_cli.EXAMPLES
+    )
+    pipeline_cli.add_arguments(p)
 
     p = add(
         "fetch",
@@ -481,6 +487,7 @@ COMMANDS = {
     "segmenter": cmd_segmenter,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
+    "pipeline": lambda args: importlib.import_module("pipelines.cli").main(args),
     "fetch": lambda args: importlib.import_module("spade.data.fetch").main(args),
     "package": lambda args: _serve_main("package", args),
     "register": lambda args: _serve_main("register", args),
