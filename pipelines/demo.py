@@ -162,6 +162,10 @@ def print_summary(pipeline_root: str | Path, params: dict) -> dict:
     _say(f"pipeline run:           {run.resolve()}")
     _say(f"model checkpoint:       {summary['checkpoint']}")
     _say(f"evaluation:             mIoU {fmt('miou')}, accuracy {fmt('accuracy')}, FID {fmt('fid')}")
+    evaluation = _artifact(scored, "evaluation").get("uri")
+    if evaluation and (Path(evaluation) / "samples.png").is_file():
+        summary["samples"] = str(Path(evaluation) / "samples.png")
+        _say(f"samples (label | real | synthesized): {summary['samples']}")
     if run_id:
         _say(f"MLflow run:             {run_id} ({uri})")
     _say(f"registered model:       {summary['model_name']} version {summary['version']}: {summary['decision']}")
@@ -173,5 +177,6 @@ def print_summary(pipeline_root: str | Path, params: dict) -> dict:
     _say(f"decision:               {summary['decision_file']}")
     if uri.startswith("sqlite:"):
         _say(f"browse: .venv/bin/mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000")
+    _say(f"paint:  .venv/bin/spade studio --checkpoint {summary['checkpoint']}   # the GauGAN painter in a browser")
     sys.stdout.flush()
     return summary
