@@ -25,21 +25,29 @@ def test_data_synth_writes_the_builtin_layout(tmp_path):
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "16" in bad.stderr
 
 
-def test_train_explains_missing_vgg_weights_and_bad_settings(tmp_path):
-    proc = spade("train", "--params", str(REPO / "params.yaml"), "--iterations", "1", cwd=tmp_path,
-                 TORCH_HOME=str(tmp_path / "torch"))  # fmt: skip
-    assert proc.returncode == 1
+def test_train_explains_missing_vgg_weights_and_bad_settings(tmp_path, monkeypatch, capsys):
+    # in-process (the command line's own main): each case fails before any training starts
+    from spade.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        return code, capsys.readouterr().err
+
+    code, err = run("train", "--params", str(REPO / "params.yaml"), "--iterations", "1", "--no-tracking")
+    assert code == 1
     # the dataset is checked first: the demo's data folder does not exist here
-    assert "data/builtin" in proc.stderr
-    spade("data", "synth", "--out", "data/builtin", "--count", "16", "--size", "64", cwd=tmp_path)
-    proc = spade("train", "--params", str(REPO / "params.yaml"), "--iterations", "1", cwd=tmp_path,
-                 TORCH_HOME=str(tmp_path / "torch"))  # fmt: skip
-    assert proc.returncode == 1
-    assert "vgg19-dcbb9e9d.pth" in proc.stderr and "--no-vgg-loss" in proc.stderr
-    proc = spade("train", "--set", "train.iterations=many", cwd=tmp_path)
-    assert proc.returncode == 1 and "error:" in proc.stderr
-    proc = spade("train", "--set", "model.spade_kernel=4", cwd=tmp_path)
-    assert proc.returncode == 1 and "spade_kernel must be 1, 3 or 5" in proc.stderr
+    assert "data/builtin" in err
+    assert run("data", "synth", "--out", "data/builtin", "--count", "16", "--size", "64")[0] == 0
+    code, err = run("train", "--params", str(REPO / "params.yaml"), "--iterations", "1", "--no-tracking")
+    assert code == 1
+    assert "vgg19-dcbb9e9d.pth" in err and "--no-vgg-loss" in err
+    code, err = run("train", "--set", "train.iterations=many")
+    assert code == 1 and "error:" in err
+    code, err = run("train", "--set", "model.spade_kernel=4")
+    assert code == 1 and "spade_kernel must be 1, 3 or 5" in err
 
 
 def test_demo_end_to_end_on_tiny_settings(tmp_path):

@@ -146,18 +146,20 @@ def test_metrics_go_to_the_checkpoints_own_training_run(world, tmp_path):
     assert run.info.status == "FINISHED"
 
 
-def test_fid_and_segmenter_commands(world, tmp_path):
-    env = child_env(SPADE_CACHE_DIR=str(tmp_path / "cache"))
+def test_fid_and_segmenter_commands(world, tmp_path, monkeypatch, capsys):
+    from spade.cli import main
+
+    monkeypatch.setenv("SPADE_CACHE_DIR", str(tmp_path / "cache"))
     val = str(world["data"] / "val_img")
-    proc = subprocess.run([*SPADE, "fid", val, val, "--inception-weights", str(world["inception"]), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("FID: ") and abs(float(proc.stdout.split()[1])) < 1e-2
-    proc = subprocess.run(
-        [*SPADE, "segmenter", "train", "--data", str(world["data"]), "--out", str(tmp_path / "seg.pt"),
-         "--iterations", "10", "--size", "32", "--batch-size", "8"],
-        capture_output=True, text=True, env=env, timeout=300,
+    code = main(["fid", val, val, "--inception-weights", str(world["inception"]), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert out.out.startswith("FID: ") and abs(float(out.out.split()[1])) < 1e-2
+    code = main(
+        ["segmenter", "train", "--data", str(world["data"]), "--out", str(tmp_path / "seg.pt"),
+         "--iterations", "10", "--size", "32", "--batch-size", "8"]
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "seg.pt").is_file() and "wrote" in proc.stdout
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert (tmp_path / "seg.pt").is_file() and "wrote" in out.out
     assert load_segmenter("small", tmp_path / "seg.pt").num_classes == 8
