@@ -148,15 +148,18 @@ class LocalTorchServe:
             cmd, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                raise SpadeError(f"torchserve exited with {self.process.returncode}:\n{self.log_tail()}")
-            if self._ready():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise SpadeError(f"torchserve did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+        try:
+            while time.monotonic() < deadline:
+                code = self.process.poll()
+                if code is not None:
+                    raise SpadeError(f"torchserve exited with {code}:\n{self.log_tail()}")
+                if self._ready():
+                    return self
+                time.sleep(0.5)
+            raise SpadeError(f"torchserve did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+        except BaseException:  # never leave a server behind when starting fails or is interrupted
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.token_auth and not self.inference_key:
