@@ -16,18 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train_helpers import free_port, wait_for
+from train_helpers import S3_TEST_CREDENTIALS, moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = BIN / "dvc"
 STAGES = {"builtin", "fetch", "segmenter", "pseudolabel", "train", "evaluate", "package"}
 BUCKET = "spade-dvc"
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 # a small model on 16 scenes of 32 px, a few iterations of everything, no VGG, no MLflow
 TINY = {
     "builtin": {"count": 12, "val_count": 4, "size": 32},
@@ -209,37 +204,8 @@ def sha256_tree(root: Path, paths: list[str]) -> dict[str, str]:
 @pytest.fixture
 def s3_endpoint(tmp_path):
     """A moto S3 server on 127.0.0.1 with one empty bucket; yields its URL."""
-    import boto3
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "moto.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing",
-                                  aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
-
-            def up() -> bool:
-                if proc.poll() is not None:
-                    raise AssertionError(f"moto_server exited: {log_path.read_text()[-2000:]}")
-                try:
-                    client.list_buckets()
-                    return True
-                except Exception:  # noqa: BLE001 - not listening yet
-                    return False
-
-            wait_for(up, 30, "moto_server to answer")
-            client.create_bucket(Bucket=BUCKET)
-            yield url, client
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with moto_s3(tmp_path, BUCKET) as (env, client):
+        yield env["AWS_ENDPOINT_URL"], client
 
 
 def test_push_to_an_s3_remote_and_pull_back_bit_identical(repo, s3_endpoint):
@@ -256,7 +222,7 @@ def test_push_to_an_s3_remote_and_pull_back_bit_identical(repo, s3_endpoint):
     before = sha256_tree(repo.root, cached)
     assert len(before) > 30
 
-    repo.dvc("push", env=S3_ENV)
+    repo.dvc("push", env=S3_TEST_CREDENTIALS)
     stored = client.list_objects_v2(Bucket=BUCKET, Prefix="spade/").get("KeyCount", 0)
     assert stored >= len(set(before.values()))
 
@@ -266,7 +232,7 @@ def test_push_to_an_s3_remote_and_pull_back_bit_identical(repo, s3_endpoint):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert "deleted" in repo.dvc("status")
 
-    repo.dvc("pull", env=S3_ENV)
+    repo.dvc("pull", env=S3_TEST_CREDENTIALS)
     assert sha256_tree(repo.root, cached) == before
     assert repo.changed_stages() == set()
     assert repo.repro() == set()

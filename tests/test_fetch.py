@@ -9,8 +9,6 @@ import http.server
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import threading
 import zipfile
@@ -303,46 +301,10 @@ def test_http_sha256_mismatch_leaves_nothing(tmp_path, archive_tgz):
 
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
-    import boto3
+    from train_helpers import moto_s3
 
-    from train_helpers import child_env, free_port, wait_for
-
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    moto = Path(sys.executable).parent / "moto_server"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)  # fmt: skip
-        try:
-            client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                                  aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
-
-            def up() -> bool:
-                if proc.poll() is not None:
-                    raise AssertionError(f"moto_server exited: {log_path.read_text()[-2000:]}")
-                try:
-                    client.list_buckets()
-                    return True
-                except Exception:  # noqa: BLE001 - not listening yet
-                    return False
-
-            wait_for(up, 30, "moto_server to answer")
-            client.create_bucket(Bucket="datasets")
-            yield env, client
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with moto_s3(tmp_path_factory.mktemp("moto"), "datasets") as (env, client):
+        yield env, client
 
 
 def test_s3_archive_and_folder(tmp_path, s3_env, builtin, archive_tgz, monkeypatch):

@@ -19,15 +19,9 @@ import torch
 from spade.config import RegisterConfig
 from spade.errors import SpadeError
 from spade.serve import register as reg
-from train_helpers import MlflowServer, child_env, free_port, wait_for
+from train_helpers import MlflowServer, free_port, moto_s3
 
 BUCKET = "spade-models"
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 HANDLER = "from spade.serve.handler import SpadeHandler\n\n\nclass Handler(SpadeHandler):\n    pass\n"
 
 
@@ -36,46 +30,14 @@ HANDLER = "from spade.serve.handler import SpadeHandler\n\n\nclass Handler(Spade
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    """A moto S3 server (booting while the MLflow server does) and a real `mlflow server`."""
+    """A moto S3 server and a real `mlflow server`."""
     root = tmp_path_factory.mktemp("register-services")
-    port = free_port()
-    moto_log = (root / "moto.log").open("wb")
-    moto = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=moto_log,
-        stderr=subprocess.STDOUT,
-        env=child_env(),
-        start_new_session=True,
-    )
-    server = MlflowServer(root)
-    try:
-        with pytest.MonkeyPatch.context() as mp:  # no background job runner: it slows the start and the stop
-            mp.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-            server.start()
-        s3_env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-        client = s3_client(s3_env)
-
-        def up() -> bool:
-            if moto.poll() is not None:
-                raise AssertionError(f"moto_server exited: {(root / 'moto.log').read_text()[-2000:]}")
-            try:
-                client.list_buckets()
-                return True
-            except Exception:  # noqa: BLE001 - not listening yet
-                return False
-
-        wait_for(up, 30, "moto_server to answer")
-        client.create_bucket(Bucket=BUCKET)
-        yield {"mlflow": server.uri, "s3": s3_env}
-    finally:
-        server.stop()
-        moto.terminate()
+    with moto_s3(root, BUCKET) as (s3_env, _):
+        server = MlflowServer(root).start()
         try:
-            moto.wait(10)
-        except subprocess.TimeoutExpired:
-            moto.kill()
-            moto.wait()
-        moto_log.close()
+            yield {"mlflow": server.uri, "s3": s3_env}
+        finally:
+            server.stop()
 
 
 @pytest.fixture

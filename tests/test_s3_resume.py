@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,9 @@ import torch
 
 from spade.checkpoints import Checkpoint
 from spade.data.synthetic import generate_builtin_dataset
-from train_helpers import SPADE, child_env, free_port, tiny_params, wait_for, write_params
+from train_helpers import SPADE, child_env, moto_s3, tiny_params, wait_for, write_params
 
 BUCKET = "spade-ckpts"
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @pytest.fixture(scope="module")
@@ -35,35 +28,8 @@ def builtin_32(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with one empty bucket: yields the environment that points boto3 at it."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    moto = Path(sys.executable).parent / "moto_server"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)  # fmt: skip
-        try:
-            env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-            client = s3_client(env)
-
-            def up() -> bool:
-                if proc.poll() is not None:
-                    raise AssertionError(f"moto_server exited: {log_path.read_text()[-2000:]}")
-                try:
-                    client.list_buckets()
-                    return True
-                except Exception:  # noqa: BLE001 - not listening yet
-                    return False
-
-            wait_for(up, 30, "moto_server to answer")
-            client.create_bucket(Bucket=BUCKET)
-            yield env
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as (env, _):
+        yield env
 
 
 def s3_client(env: dict):  # noqa: ANN201

@@ -69,15 +69,12 @@ class _Boot:
 @pytest.fixture(scope="module")
 def server_boot(tmp_path_factory):
     """Starts one real `mlflow server` (127.0.0.1, SQLite store) in the background; stopped at module end."""
-    with pytest.MonkeyPatch.context() as mp:
-        # no GenAI job runner next to the server: it halves the start-up time and plays no part here
-        mp.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        boot = _Boot(MlflowServer(tmp_path_factory.mktemp("mlflow")))
-        try:
-            yield boot
-        finally:
-            boot.thread.join()
-            boot.server.stop()
+    boot = _Boot(MlflowServer(tmp_path_factory.mktemp("mlflow")))  # MlflowServer turns MLflow's job runner off
+    try:
+        yield boot
+    finally:
+        boot.thread.join()
+        boot.server.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -124,3 +125,52 @@ class MlflowServer:
         if getattr(self, "log", None) is not None:
             self.log.close()
             self.log = None
+
+
+S3_TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def moto_s3(log_dir: Path, *buckets: str):
+    """A real `moto_server` on 127.0.0.1 with empty `buckets`; yields (env pointing boto3 at it, client)."""
+    import boto3
+
+    port = free_port()
+    env = {**S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    log_path = Path(log_dir) / f"moto-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            client = boto3.client(
+                "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                aws_access_key_id="testing", aws_secret_access_key="testing",
+            )  # fmt: skip
+
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"moto_server exited: {log_path.read_text()[-2000:]}")
+                try:
+                    client.list_buckets()
+                    return True
+                except Exception:  # noqa: BLE001 - not listening yet
+                    return False
+
+            wait_for(up, 30, "moto_server to answer")
+            for bucket in buckets:
+                client.create_bucket(Bucket=bucket)
+            yield env, client
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
