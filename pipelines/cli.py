@@ -78,14 +78,10 @@ def cron_with_seconds(expr: str) -> str:
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=Path, help="settings file (default: ./params.yaml, else the repository's)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting of params.yaml, e.g. train.iterations=200 (repeatable)",
+    from spade.config import add_settings_arguments
+
+    add_settings_arguments(
+        p, example="train.iterations=200", params_help="settings file (default: ./params.yaml, else the repository's)"
     )
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from spade.config import add_settings_arguments, params_path
 from spade.errors import SpadeError
 
 EXAMPLES = {
@@ -89,15 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     add("presets", "List the named presets (label classes, resolution, preprocessing).")
 
     p = add("train", "Train a SPADE model with the settings of params.yaml (overridable here).")
-    p.add_argument("--params", type=Path, help="settings file (default: ./params.yaml when present)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. train.iterations=500 (repeatable)",
-    )
+    add_settings_arguments(p)
     p.add_argument(
         "--resume",
         nargs="?",
@@ -118,8 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
     p = add("demo", "Built-in landscapes -> train a small model -> synthesize a validation grid (all local).")
-    p.add_argument("--params", type=Path, help="settings file (default: ./params.yaml when present)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_settings_arguments(p)
 
     p = add("evaluate", "Score a checkpoint: mIoU and pixel accuracy by a segmenter, FID; writes metrics.json.")
     p.add_argument("--checkpoint", required=True, type=Path, help="project checkpoint (.pt)")
@@ -278,9 +270,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def train_settings(args: argparse.Namespace):  # noqa: ANN201
     from spade.config import load_settings
 
-    params = args.params
-    if params is None and Path("params.yaml").is_file():
-        params = Path("params.yaml")
+    params = params_path(args.params)
     overrides = list(args.overrides)
     shortcuts = {
         "iterations": "train.iterations",
@@ -395,8 +385,7 @@ def cmd_segmenter(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from spade.demo import run_demo
 
-    params = args.params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
-    run_demo(params, args.overrides)
+    run_demo(params_path(args.params), args.overrides)
 
 
 def cmd_data(args: argparse.Namespace) -> None:

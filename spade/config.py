@@ -434,5 +434,30 @@ def load_params(path: str | Path | None) -> dict:
     return data
 
 
+def add_settings_arguments(
+    parser,
+    *,
+    example: str = "train.iterations=500",
+    params_help: str = "settings file (default: ./params.yaml when present)",
+) -> None:
+    """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`, as every command that reads params.yaml takes them."""
+    parser.add_argument("--params", type=Path, help=params_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override one setting, e.g. {example} (repeatable)",
+    )
+
+
+def params_path(path: str | Path | None) -> Path | None:
+    """The settings file a command reads: the one named, else ./params.yaml when there is one."""
+    if path is not None:
+        return Path(path)
+    return Path("params.yaml") if Path("params.yaml").is_file() else None
+
+
 def load_settings(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Settings:
     return Settings.from_dict(apply_overrides(load_params(path), overrides or []))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass
 
@@ -36,3 +38,18 @@ class Response:
     @property
     def ok(self) -> bool:
         return self.status < 400
+
+
+def decode_base64(text: object, name: str) -> bytes:
+    """Base64 text (or a browser's data: URL) -> bytes; RequestError naming the field when it is not."""
+    if not isinstance(text, str):
+        raise RequestError(f"'{name}' must be base64 text, got {type(text).__name__}")
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"'{name}' is not valid base64 text") from None
+    if not data:
+        raise RequestError(f"'{name}' is empty")
+    return data

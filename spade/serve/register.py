@@ -54,7 +54,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spade.config import RegisterConfig, TrackingConfig
+from spade.config import RegisterConfig, TrackingConfig, add_settings_arguments, load_settings, params_path
 from spade.errors import SpadeError
 from spade.storage import Store, is_s3, split_s3
 
@@ -866,24 +866,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="URL (or model-store file name) TorchServe loads the archive from (default: the store URI when "
         "http(s), else the archive's file name in the store)",
     )
-    parser.add_argument("--params", type=Path, help="settings file (default: ./params.yaml when present)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. register.fid_tolerance=1.0 (repeatable)",
-    )
+    add_settings_arguments(parser, example="register.fid_tolerance=1.0")
 
 
 def main(args: argparse.Namespace) -> int:
-    from spade.config import load_settings
-
-    params = args.params
-    if params is None and Path("params.yaml").is_file():
-        params = Path("params.yaml")
-    settings = load_settings(params, list(args.overrides or []))
+    settings = load_settings(params_path(args.params), list(args.overrides or []))
     decision = register(
         mar=args.mar,
         metrics=args.metrics,

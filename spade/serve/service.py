@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from spade.checkpoints import Checkpoint
 from spade.errors import SpadeError
 from spade.labels import SINGLE_CHANNEL_MODES, to_class_ids
-from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response
+from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64
 from spade.synthesize import Synthesizer, _resize_ids, to_uint8
 
 FIELDS = ("label", "instance", "style", "seed", "output_size")
@@ -392,14 +392,7 @@ def _binary(value: object, name: str) -> bytes:
             return data  # not base64 after all: let the image decoder say what is wrong
     if not isinstance(value, str):
         raise RequestError(f"'{name}' must be an image (raw bytes, or base64 text in JSON), got {type(value).__name__}")
-    text = value.split(",", 1)[1] if value.startswith("data:") else value  # data URLs from browsers
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(f"'{name}' is neither image bytes nor valid base64 text") from None
-    if not data:
-        raise RequestError(f"'{name}' is empty")
-    return data
+    return decode_base64(value, name)
 
 
 def _to_ids(raw: np.ndarray, cfg) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import contextlib
 import http.client
 import io
@@ -43,7 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from spade.errors import SpadeError
-from spade.serve.protocol import DEFAULT_MAX_PIXELS, Response
+from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64
 
 STATIC_DIR = Path(__file__).with_name("studio_static")
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
@@ -78,12 +77,7 @@ class StudioError(SpadeError):
     """A start-up problem (missing checkpoint, unreachable endpoint, port in use), explained in the message."""
 
 
-class ApiError(Exception):
-    """A problem with one studio request: answered as JSON {"error", "status"} with `status`."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+ApiError = RequestError  # a problem with one studio request: answered as JSON {"error", "status"}
 
 
 def _json_response(status: int, obj: object) -> Response:
@@ -262,19 +256,6 @@ def _upstream_message(body: bytes) -> str:
 # ---------------------------------------------------------------------------- label maps
 
 
-def _b64(value: object, name: str) -> bytes:
-    if not isinstance(value, str):
-        raise ApiError(f"'{name}' must be base64 text, got {type(value).__name__}")
-    text = value.split(",", 1)[1] if value.startswith("data:") else value
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(f"'{name}' is not valid base64") from None
-    if not data:
-        raise ApiError(f"'{name}' is empty")
-    return data
-
-
 def _int(value: object, name: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ApiError(f"'{name}' must be an integer in {low}..{high}, got {value!r}")
@@ -303,9 +284,9 @@ def synthesis_fields(body: Mapping, info: Mapping) -> dict:
         height = _int(body.get("height"), "height", 1, max_pixels)
         if width * height > max_pixels:
             raise ApiError(f"{width}x{height} is {width * height} pixels; the limit is {max_pixels}", 413)
-        label = values_png(_b64(body["label_values"], "label_values"), width, height)
+        label = values_png(decode_base64(body["label_values"], "label_values"), width, height)
     elif body.get("label") is not None:
-        label = _b64(body["label"], "label")
+        label = decode_base64(body["label"], "label")
     else:
         raise ApiError("missing 'label_values' (base64 of the uint8 class values, with width and height) or 'label'")
     fields: dict = {"label": _text(label)}
@@ -314,7 +295,7 @@ def synthesis_fields(body: Mapping, info: Mapping) -> dict:
     if body.get("style") is not None:
         if not info.get("multimodal"):
             raise ApiError("this model has no image encoder, so it cannot take a style image")
-        fields["style"] = _text(_b64(body["style"], "style"))
+        fields["style"] = _text(decode_base64(body["style"], "style"))
     return fields
 
 
@@ -625,7 +606,7 @@ class StudioHandler(BaseHTTPRequestHandler):
         """An uploaded label map (base64 / data URL in "image") -> its class values at the model's size."""
         if set(body) != {"image"}:
             raise ApiError('send {"image": "<base64 or data URL of the label map>"}')
-        values, notes = decode_label(_b64(body["image"], "image"), self.server.info)
+        values, notes = decode_label(decode_base64(body["image"], "image"), self.server.info)
         h, w = values.shape
         payload = dict(notes, width=w, height=h, values=base64.b64encode(values.tobytes()).decode("ascii"))
         return _json_response(200, payload)
