@@ -23,7 +23,7 @@ def evaluate(
     num_samples: int = 0,
     batch_size: int = 8,
     device: str = "auto",
-    precision: str = "float32",
+    precision: str = "auto",
     seed: int = 0,
 ) -> NamedTuple("EvaluationOutputs", fid=float, miou=float, accuracy=float):
     """spade.evaluate.evaluation.evaluate on `data` (a folder with ground truth), else on the training dataset.

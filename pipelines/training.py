@@ -112,7 +112,7 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
         fid: bool = bool(ev.get("fid", False)),
         inception_weights: str = "",
         eval_num_samples: int = int(ev.get("num_samples", 0)),
-        eval_precision: str = str(ev.get("precision", "float32")),
+        eval_precision: str = str(ev.get("precision", "auto")),
         model_name: str = str(reg.get("model_name") or pkg.get("name") or "spade"),
         model_version: str = "",
         force_promotion: bool = False,

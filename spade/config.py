@@ -217,7 +217,7 @@ class DataConfig:
             raise SpadeError("data.load_size must be >= 1; num_workers and max_samples >= 0")
 
 
-PRECISION_CHOICES = ("float32", "bfloat16", "float16")
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ class TrainConfig:
     vgg_loss: bool = True
     vgg_weights: str = ""
     init_gain: float = 0.02
-    precision: str = "float32"
+    precision: str = "auto"  # auto: bfloat16 autocast where the device runs bf16 natively, else float32
     channels_last: bool = False
     seed: int = 0
     deterministic: bool = False

@@ -90,15 +90,28 @@ def semantic_input(
     a don't-care class). instance: (N, 1, H, W) ids, required when the model uses
     instance edges.
     """
+    ids, edge = class_ids_and_edges(label, cfg, instance)
+    one_hot = F.one_hot(ids, cfg.label_nc + int(cfg.contain_dontcare_label)).permute(0, 3, 1, 2).to(dtype)
+    if edge is None:
+        return one_hot
+    return torch.cat([one_hot, edge.unsqueeze(1).to(dtype)], dim=1)
+
+
+def class_ids_and_edges(
+    label: torch.Tensor, cfg: ModelConfig, instance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the one-hot input encodes, checked: class ids (N, H, W) and, for instance-aware models, edges (N, H, W).
+
+    label and instance as for `semantic_input`; the edges are 0/1 int64 (None without instance edges).
+    """
     nc = cfg.label_nc + int(cfg.contain_dontcare_label)
     label = label.long()
     if label.numel() and (int(label.min()) < 0 or int(label.max()) >= nc):
         raise SpadeError(f"class ids must lie in 0..{nc - 1}, got {int(label.min())}..{int(label.max())}")
-    one_hot = F.one_hot(label[:, 0], nc).permute(0, 3, 1, 2).to(dtype)
     if not cfg.use_instance:
-        return one_hot
+        return label[:, 0], None
     if instance is None:
         raise SpadeError(f"the {cfg.preset} model uses instance edges: an instance map is required")
     if instance.shape != label.shape:
         raise SpadeError(f"instance map shape {tuple(instance.shape)} differs from label shape {tuple(label.shape)}")
-    return torch.cat([one_hot, instance_edges(instance).to(dtype)], dim=1)
+    return label[:, 0], instance_edges(instance)[:, 0].long()

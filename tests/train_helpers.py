@@ -38,6 +38,7 @@ def tiny_params(data_root: Path, out_dir: Path, **sections: dict) -> dict:
             "checkpoint_every": 2,
             "keep_checkpoints": 10,
             "deterministic": True,
+            "precision": "float32",  # the exact path: resume and DDP tests compare numbers tightly
         },
         "tracking": {"enabled": False},
     }

@@ -51,7 +51,7 @@ def evaluate(
     num_samples: int = 0,
     batch_size: int = 8,
     device: str = "cpu",
-    precision: str = "float32",
+    precision: str = "auto",
     out_dir: str | Path = "evaluation",
     seed: int = 0,
     tracking: TrackingConfig | None = None,
@@ -69,7 +69,7 @@ def evaluate(
     synth = Synthesizer.from_file(checkpoint, device=device, precision=precision)
     cfg = synth.config
     # bf16 runs the generator and the segmenter under autocast; FID stays float32 (it is sensitive)
-    bf16 = precision == "bfloat16"
+    bf16 = synth.precision == "bfloat16"
     seg = load_segmenter(segmenter, segmenter_weights, device=device, num_classes=cfg.label_nc, bf16=bf16)
     if seg.num_classes != cfg.label_nc:
         raise SpadeError(

@@ -29,6 +29,7 @@ from spade.errors import SpadeError
 from spade.losses import VGGLoss
 from spade.nn import MultiscaleDiscriminator
 from spade.nn.vgg import VGG19Features
+from spade.synthesize import bf16_supported
 from spade.train import checkpointing as ckpts
 from spade.train.distributed import (
     DistInfo,
@@ -38,7 +39,7 @@ from spade.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from spade.train.objective import GeneratorSide, Objective, init_weights
+from spade.train.objective import GeneratorSide, Objective, TrainStep, init_weights
 from spade.train.sync_batchnorm import convert_sync_batchnorm
 from spade.train.tracking import MLflowTracker, Tracker, git_commit
 from spade.visualize import dataset_colours, sample_grid
@@ -127,7 +128,10 @@ def train(
         device = pick_device(tc.device, info)
         if tc.batch_size % info.world_size:
             raise SpadeError(f"train.batch_size {tc.batch_size} must be divisible by the {info.world_size} processes")
-        if tc.precision == "float16" and device.type != "cuda":
+        precision = tc.precision
+        if precision == "auto":
+            precision = "bfloat16" if bf16_supported(device) else "float32"
+        if precision == "float16" and device.type != "cuda":
             raise SpadeError("train.precision=float16 needs CUDA; on CPU use bfloat16 or float32")
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -156,11 +160,8 @@ def train(
 
         opt_g = torch.optim.Adam(gside.parameters(), lr=tc.lr_G, betas=tc.betas)
         opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_D, betas=tc.betas)
-        use_scaler = tc.precision == "float16"
-        scaler_g = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
         start_iter, epoch, batch_in_epoch, run_id = 0, 0, 0, None
+        scaler_state = None
         location = tc.checkpoint_location
         if resume is not None:
             found = ckpts.load_latest(resume or location)
@@ -174,8 +175,7 @@ def train(
                 t = ckpt.training
                 opt_g.load_state_dict(t["optimizer_G"])
                 opt_d.load_state_dict(t["optimizer_D"])
-                scaler_g.load_state_dict(t["scaler_G"])
-                scaler_d.load_state_dict(t["scaler_D"])
+                scaler_state = (t["scaler_G"], t["scaler_D"])
                 start_iter, epoch, batch_in_epoch = t["iteration"], t["epoch"], t["batch_in_epoch"]
                 run_id = t.get("mlflow_run_id")
                 rng = t["rng"]
@@ -194,12 +194,23 @@ def train(
             d_model = DDP(disc, device_ids=ids)
 
         objective = Objective(mc, tc, vgg, world_size=info.world_size)
+        step = TrainStep(objective, g_model, d_model, opt_g, opt_d, precision=precision, device=device)
+        if scaler_state is not None:
+            step.scaler_g.load_state_dict(scaler_state[0])
+            step.scaler_d.load_state_dict(scaler_state[1])
         tracker = _make_tracker(settings, run_id, info)
         fingerprint = (dataset_fingerprint or _fingerprint(dataset)) if info.is_main else ""
         classes = _class_info(settings)
         if info.is_main:
             params = flatten(settings.to_dict())
-            params.update({"world_size": info.world_size, "device": device.type, "dataset_size": len(dataset)})
+            params.update(
+                {
+                    "world_size": info.world_size,
+                    "device": device.type,
+                    "dataset_size": len(dataset),
+                    "precision_used": precision,
+                }
+            )
             if start_iter == 0:
                 tracker.log_params(params)
             tracker.set_tags(
@@ -213,7 +224,6 @@ def train(
         loader_kwargs = dict(num_workers=dc.num_workers, pin_memory=device.type == "cuda")
         if dc.num_workers:
             loader_kwargs["persistent_workers"] = False
-        autocast = _autocast(tc.precision, device)
         history: list[dict] = []
         it = start_iter
         last_ckpt: str | None = None
@@ -250,8 +260,8 @@ def train(
                 "batch_in_epoch": batch_in_epoch,
                 "optimizer_G": opt_g.state_dict(),
                 "optimizer_D": opt_d.state_dict(),
-                "scaler_G": scaler_g.state_dict(),
-                "scaler_D": scaler_d.state_dict(),
+                "scaler_G": step.scaler_g.state_dict(),
+                "scaler_D": step.scaler_d.state_dict(),
                 "rng": rng,
                 "world_size": info.world_size,
                 "settings": settings.to_dict(),
@@ -273,22 +283,7 @@ def train(
                     for group in opt_d.param_groups:
                         group["lr"] = tc.lr_D * factor
                     seg, real = objective.inputs(batch, device, tc.channels_last)
-                    logged: dict[str, torch.Tensor] = {}
-                    if it % tc.d_steps_per_g == 0:
-                        opt_g.zero_grad(set_to_none=True)
-                        with autocast:
-                            g_losses = objective.generator_losses(g_model, d_model, seg, real)
-                        scaler_g.scale(sum(g_losses.values())).backward()
-                        scaler_g.step(opt_g)
-                        scaler_g.update()
-                        logged.update(g_losses)
-                    opt_d.zero_grad(set_to_none=True)
-                    with autocast:
-                        d_losses = objective.discriminator_losses(g_model, d_model, seg, real)
-                    scaler_d.scale(sum(d_losses.values())).backward()
-                    scaler_d.step(opt_d)
-                    scaler_d.update()
-                    logged.update(d_losses)
+                    logged = step(seg, real, it)
 
                     it += 1
                     batch_in_epoch += 1
@@ -367,13 +362,6 @@ class LossCurves:
         row = [str(iteration)] + [f"{metrics.get(c, float('nan')):.6g}" for c in self.columns[1:]]
         with self.path.open("a") as fh:
             fh.write(",".join(row) + "\n")
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "float32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _mean_over_ranks(metrics: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:

@@ -7,6 +7,7 @@ sent through it in one batch, as in the authors' release.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,58 @@ class Objective:
         pred_fake, pred_real = self.discriminate(d, seg, fake, real)
         d_real, d_fake = self.gan.discriminator(pred_real, pred_fake)
         return {"D_real": d_real, "D_fake": d_fake}
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast on `device`, or nothing for float32."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class TrainStep:
+    """One training iteration: a generator step (every `d_steps_per_g` iterations), then a discriminator step.
+
+    The trainer and `benchmarks/train_step.py` both run this, so the benchmark
+    measures exactly what training does. fp16 uses gradient scalers; bf16 and
+    float32 do not need them (the scalers are then pass-throughs).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        g_model: nn.Module,
+        d_model: nn.Module,
+        opt_g: torch.optim.Optimizer,
+        opt_d: torch.optim.Optimizer,
+        *,
+        precision: str,
+        device: torch.device,
+    ) -> None:
+        self.objective, self.g_model, self.d_model = objective, g_model, d_model
+        self.opt_g, self.opt_d = opt_g, opt_d
+        self.precision, self.device = precision, device
+        use_scaler = precision == "float16"
+        self.scaler_g = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def __call__(self, seg: torch.Tensor, real: torch.Tensor, iteration: int) -> dict[str, torch.Tensor]:
+        """Run the steps for `iteration`; returns the loss terms (detached tensors)."""
+        logged: dict[str, torch.Tensor] = {}
+        if iteration % self.objective.train_cfg.d_steps_per_g == 0:
+            self.opt_g.zero_grad(set_to_none=True)
+            with autocast_for(self.precision, self.device):
+                g_losses = self.objective.generator_losses(self.g_model, self.d_model, seg, real)
+            self.scaler_g.scale(sum(g_losses.values())).backward()
+            self.scaler_g.step(self.opt_g)
+            self.scaler_g.update()
+            logged.update(g_losses)
+        self.opt_d.zero_grad(set_to_none=True)
+        with autocast_for(self.precision, self.device):
+            d_losses = self.objective.discriminator_losses(self.g_model, self.d_model, seg, real)
+        self.scaler_d.scale(sum(d_losses.values())).backward()
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        logged.update(d_losses)
+        return {k: v.detach() for k, v in logged.items()}
