@@ -7,7 +7,9 @@ the same weights (checkpoints stay as they are), with less work:
   stored power-iteration vectors): no power iteration, no division per call.
 - Eval batch norm in every SPADE layer is folded into its gamma / beta
   convolution, and gamma and beta come from one convolution with 2C outputs:
-  `norm(x) * (1 + gamma) + beta` becomes `x * G + B`.
+  `norm(x) * (1 + gamma) + beta` becomes `x * G + B`. Before the learned
+  shortcut's 1x1 convolution P, P(x G + B) = P(x G) + P B, and P B is folded
+  into the beta weights (half the outputs where the block halves the width).
 - The first SPADE convolution reads a one-hot label map, so it is a sum of
   weight columns picked by the class (and instance-edge) of each neighbour:
   a table lookup (`embedding_bag`) instead of a 184-channel convolution. The
@@ -228,7 +230,15 @@ class FoldedSPADE(nn.Module):
     convolution's weights. With instance norm the norm stays: out = norm(x) * G + B.
     """
 
-    def __init__(self, spade: SPADE, *, n_onehot: int, use_edge: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        spade: SPADE,
+        *,
+        n_onehot: int,
+        use_edge: bool,
+        dtype: torch.dtype,
+        project: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         norm = spade.param_free_norm
         shared = spade.mlp_shared[0]
@@ -248,6 +258,11 @@ class FoldedSPADE(nn.Module):
             w_b, b_b = wb - wg * shift.view(-1, 1, 1, 1), bb - shift * (1 + bg)
         else:
             raise SpadeError(f"cannot fold {type(norm).__name__} (batch norm without running statistics)")
+        if project is not None:
+            # a 1x1 convolution P follows (the learned shortcut): P(x G + B) = P(x G) + (P B), and P B is a
+            # 3x3 convolution of the hidden map with P's output width instead of the input's
+            p = project.detach().double()
+            w_b, b_b = torch.einsum("oc,chij->ohij", p, w_b), p @ b_b
         self.memory_format = memory_format_for(dtype)
         weight = torch.cat([w_g, w_b])
         bias = torch.cat([b_g, b_b])
@@ -287,11 +302,14 @@ class FoldedSPADE(nn.Module):
         # channels-last weights are (2C, k, k, hidden) in memory: a transposed (k*k*hidden, 2C) matrix, no copy
         return self.weight.permute(2, 3, 1, 0).reshape(-1, self.weight.shape[0])
 
-    def forward(self, x: torch.Tensor, level: LabelLevel) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, level: LabelLevel, project: nn.Conv2d | None = None) -> torch.Tensor:
+        """x G + B; with `project` (the 1x1 convolution this layer was built with), project(x G) + (P B)."""
         mod = self.modulation(level)
         gain, shift = mod[:, : self.channels], mod[:, self.channels :]
         if self.instance_norm is not None:
             x = self.instance_norm(x)
+        if project is not None:
+            return project(x * gain).add_(shift)
         return torch.addcmul(shift, x, gain)
 
 
@@ -306,11 +324,11 @@ class FoldedResBlock(nn.Module):
         self.norm_1 = FoldedSPADE(block.norm_1, **spade)
         if self.learned_shortcut:
             self.conv_s = _plain_conv(block.conv_s, dtype)
-            self.norm_s = FoldedSPADE(block.norm_s, **spade)
+            self.norm_s = FoldedSPADE(block.norm_s, **spade, project=effective_weight(block.conv_s)[:, :, 0, 0])
 
     def forward(self, x: torch.Tensor, plan: LabelPlan) -> torch.Tensor:
         level = plan.at(tuple(x.shape[-2:]))
-        shortcut = self.conv_s(self.norm_s(x, level)) if self.learned_shortcut else x
+        shortcut = self.norm_s(x, level, project=self.conv_s) if self.learned_shortcut else x
         dx = self.conv_0(F.leaky_relu_(self.norm_0(x, level), 0.2))
         dx = self.conv_1(F.leaky_relu_(self.norm_1(dx, level), 0.2))
         return dx.add_(shortcut)
