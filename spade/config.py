@@ -248,7 +248,7 @@ class TrainConfig:
     vgg_weights: str = ""
     init_gain: float = 0.02
     precision: str = "auto"  # auto: bfloat16 autocast where the device runs bf16 natively, else float32
-    channels_last: bool = False
+    channels_last: bool = True  # with bf16 / fp16 only: float32 stays NCHW (the exact path)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"

@@ -131,6 +131,9 @@ def train(
         precision = tc.precision
         if precision == "auto":
             precision = "bfloat16" if bf16_supported(device) else "float32"
+        # channels-last pays with bf16 / fp16; float32 stays NCHW, the exact path (oneDNN's channels-last
+        # float32 convolutions round more)
+        channels_last = tc.channels_last and precision != "float32"
         if precision == "float16" and device.type != "cuda":
             raise SpadeError("train.precision=float16 needs CUDA; on CPU use bfloat16 or float32")
         if tc.deterministic:
@@ -153,7 +156,7 @@ def train(
             gside = convert_sync_batchnorm(gside, device.type)
         gside.to(device)
         disc.to(device)
-        if tc.channels_last:
+        if channels_last:
             gside.to(memory_format=torch.channels_last)
             disc.to(memory_format=torch.channels_last)
         vgg = VGGLoss(VGG19Features(tc.vgg_weights or None).to(device), tc.lambda_vgg) if tc.vgg_loss else None
@@ -282,7 +285,7 @@ def train(
                         group["lr"] = tc.lr_G * factor
                     for group in opt_d.param_groups:
                         group["lr"] = tc.lr_D * factor
-                    seg, real = objective.inputs(batch, device, tc.channels_last)
+                    seg, real = objective.inputs(batch, device, channels_last)
                     logged = step(seg, real, it)
 
                     it += 1
