@@ -158,7 +158,8 @@ def expected_params(params_file: Path, dataset_size: int) -> dict[str, str]:
     sections = settings.to_dict().items()
     flat = {f"{section}.{key}": str(value) for section, body in sections for key, value in body.items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {**flat, "world_size": "1", "device": device, "dataset_size": str(dataset_size)}
+    added = {"world_size": "1", "device": device, "dataset_size": str(dataset_size)}
+    return {**flat, **added, "precision_used": settings.train.precision}  # the tests' params name one
 
 
 def test_without_a_tracking_uri_runs_go_to_a_sqlite_file_in_the_working_folder(tmp_path, builtin_32, server_boot):
