@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from spade.precision import bf16_supported
+
 
 def cpu_model() -> str:
     try:
@@ -27,7 +29,7 @@ def describe() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "bf16_native": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()),
+        "bf16_native": bf16_supported("cpu"),
         "cuda": None,
     }
     if torch.cuda.is_available():

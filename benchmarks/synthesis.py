@@ -23,28 +23,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    add_common_arguments,
+    load_at_start,
+    memory_after_setup,
+    peak_rss_mb,
+    print_table,
+    run_worker,
+    time_calls,
+    timing_settings,
+    write_results,
+)
 from machine import describe  # noqa: E402
 
 from spade.checkpoints import Checkpoint  # noqa: E402
 from spade.config import ModelConfig  # noqa: E402
-from spade.labels import read_id_map, semantic_input  # noqa: E402
-from spade.synthesize import PRECISIONS, Synthesizer, prepare_label, to_uint8  # noqa: E402
+from spade.labels import instance_edges, read_id_map, semantic_input  # noqa: E402
+from spade.precision import INFERENCE_PRECISIONS  # noqa: E402
+from spade.synthesize import Synthesizer, prepare_label, resize_ids, to_uint8  # noqa: E402
 from spade.train.objective import GeneratorSide, init_weights  # noqa: E402
 
 CONFIGS = {
@@ -53,9 +58,9 @@ CONFIGS = {
     ),
     "coco": dict(preset="coco"),
 }
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_stuff_sample"
-PATHS = [f"{precision}-{mode}" for mode in ("eager", "fast") for precision in PRECISIONS]
+PATHS = [f"{precision}-{mode}" for mode in ("eager", "fast") for precision in INFERENCE_PRECISIONS]
 REFERENCE = "float32-eager"
+OUT = "benchmarks/results/synthesis.json"
 VORONOI_SEEDS = 20
 
 
@@ -70,12 +75,6 @@ def sample_pairs(sample_dir: Path) -> list[tuple[Path, Path]]:
     return [(p, sample_dir / "val_inst" / p.name) for p in labels if (sample_dir / "val_inst" / p.name).is_file()]
 
 
-def resize_nearest(ids: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) ids -> (1, h, w) int64 ids, nearest neighbour."""
-    t = torch.from_numpy(ids.astype(np.int64))[None, None].double()
-    return F.interpolate(t, size=size, mode="nearest")[0].long()
-
-
 def voronoi_map(cfg: ModelConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A blocky (1, H, W) label map and its instance map: Voronoi regions of random points, random classes."""
     rng = np.random.default_rng(seed)
@@ -85,18 +84,6 @@ def voronoi_map(cfg: ModelConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor
     region = ((yy[..., None] - points[:, 0]) ** 2 + (xx[..., None] - points[:, 1]) ** 2).argmin(-1)
     classes = rng.integers(0, cfg.label_nc, VORONOI_SEEDS)
     return torch.from_numpy(classes[region])[None], torch.from_numpy(region)[None]
-
-
-def boundary_fraction(label: torch.Tensor) -> float:
-    """The share of pixels with a 4-neighbour of another class."""
-    x = label[:, 0]
-    edge = torch.zeros_like(x, dtype=torch.bool)
-    dy, dx = x[:, 1:] != x[:, :-1], x[:, :, 1:] != x[:, :, :-1]
-    edge[:, 1:] |= dy
-    edge[:, :-1] |= dy
-    edge[:, :, 1:] |= dx
-    edge[:, :, :-1] |= dx
-    return edge.float().mean().item()
 
 
 def label_maps(cfg: ModelConfig, batch: int, sample_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
@@ -111,8 +98,9 @@ def label_maps(cfg: ModelConfig, batch: int, sample_dir: Path) -> tuple[torch.Te
                 labels.append(item.label)
                 instances.append(item.instance)
             else:  # another class count: fold COCO-Stuff's ids onto the model's classes, keeping the regions
-                labels.append(resize_nearest(read_id_map(label_path) % cfg.label_nc, cfg.output_size))
-                instances.append(resize_nearest(read_id_map(inst_path), cfg.output_size))
+                ids = read_id_map(label_path) % cfg.label_nc
+                labels.append(torch.from_numpy(resize_ids(ids, cfg.output_size))[None])
+                instances.append(torch.from_numpy(resize_ids(read_id_map(inst_path), cfg.output_size))[None])
         info = {
             "source": str(sample_dir),
             "files": [p.stem for p, _ in chosen],
@@ -125,7 +113,8 @@ def label_maps(cfg: ModelConfig, batch: int, sample_dir: Path) -> tuple[torch.Te
             instances.append(instance)
         info = {"source": f"Voronoi maps of {VORONOI_SEEDS} random points, random classes", "seeds": list(range(batch))}
     label = torch.stack(labels)
-    info["boundary_fraction"] = round(boundary_fraction(label), 4)
+    # the share of pixels with a 4-neighbour of another class
+    info["boundary_fraction"] = round(instance_edges(label).mean().item(), 4)
     return label, torch.stack(instances) if cfg.use_instance else None, info
 
 
@@ -160,84 +149,6 @@ def random_checkpoint(cfg: ModelConfig, passes: int = 3) -> Checkpoint:
         "maps, final convolution scaled to unit std before tanh"
     }
     return Checkpoint(cfg, state, meta=meta)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (ru_maxrss counts KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def memory_after_setup() -> dict:
-    """The peak of the set-up, then restart the peak count from the resident memory now (Linux only), so
-    that the peak read after the timed calls is theirs and not a transient of loading."""
-    setup_peak = peak_rss_mb()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
-    return {"setup_peak_rss_mb": round(setup_peak, 1), "rss_ready_mb": round(peak_rss_mb(), 1), "peak_reset": reset}
-
-
-def load_at_start() -> float:
-    """The 1-minute load average, with a warning when other work competes for the CPU."""
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.2f} at start: other work makes the timings noisy", file=sys.stderr)
-    return round(load, 2)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(
-    call: Callable[[], object], device: torch.device, *, warmup_s: float, budget_s: float, min_reps: int, max_reps: int
-) -> tuple[dict, object, object]:
-    """Warm up for `warmup_s` (at least one call), then time as many calls as fill `budget_s`, within
-    [min_reps, max_reps]. Returns the timings, the first call's result and the last one's."""
-
-    def timed() -> tuple[float, object]:
-        synchronize(device)
-        t0 = time.perf_counter()
-        value = call()
-        synchronize(device)
-        return time.perf_counter() - t0, value
-
-    dt, first = timed()
-    warm = [dt]
-    while sum(warm) < warmup_s:
-        warm.append(timed()[0])
-    reps = min(max_reps, max(min_reps, 1, math.ceil(budget_s / warm[-1])))
-    times = []
-    for _ in range(reps):
-        dt, last = timed()
-        times.append(dt)
-    stats = {
-        "warmup_calls": len(warm),
-        "warmup_s": [round(t, 4) for t in warm],
-        "reps": reps,
-        "times_s": [round(t, 4) for t in times],
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-    }
-    return stats, first, last
-
-
-def run_worker(script: str, spec: dict, result: Path) -> dict:
-    """Run one case in a fresh process (so its peak memory is its own); its result, or {"error": ...}."""
-    proc = subprocess.run([sys.executable, script, "--_worker", json.dumps({**spec, "result": str(result)})])
-    if proc.returncode != 0 or not result.is_file():
-        return {"error": f"worker exited with status {proc.returncode}"}
-    return json.loads(result.read_text())
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-    for line in (header, *rows):
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
 
 
 def make_synthesizer(ckpt: Checkpoint, device: torch.device, path: str, channels_last: bool) -> Synthesizer:
@@ -343,38 +254,21 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS, help="default: all")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default 1 8 (1 with --quick)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        help="generator weights in channels_last memory format (default: on with cuda, off on cpu)",
+        help="eager generator weights in channels_last memory format (default: on with cuda, off on cpu)",
     )
-    parser.add_argument("--quick", action="store_true", help="batch 1, 2+ repetitions, a 3 s timing budget per case")
-    parser.add_argument("--budget", type=float, help="seconds of timed calls per case (default 15, 3 with --quick)")
-    parser.add_argument("--min-reps", type=int, help="timed calls per case at least (default 3, 2 with --quick)")
-    parser.add_argument("--max-reps", type=int, default=50, help="timed calls per case at most")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up calls per case (at least one)")
-    parser.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's choice)")
-    parser.add_argument("--sample-dir", type=Path, default=SAMPLE_DIR, help="COCO-Stuff sample (val_label, val_inst)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/synthesis.json"))
-    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    add_common_arguments(parser, unit="calls", budget="15, 3 with --quick", max_reps=50, out=OUT)
     args = parser.parse_args()
     if args._worker:
         worker(json.loads(args._worker))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    settings = timing_settings(parser, args, budget=15.0, quick=3.0)
     batch_sizes = args.batch_sizes or ([1] if args.quick else [1, 8])
     if min(batch_sizes) < 1:
         parser.error("batch sizes must be >= 1")
     channels_last = args.device == "cuda" if args.channels_last is None else args.channels_last
-    settings = {
-        "threads": args.threads,
-        "warmup_s": args.warmup,
-        "budget_s": args.budget if args.budget is not None else (3.0 if args.quick else 15.0),
-        "min_reps": args.min_reps if args.min_reps is not None else (2 if args.quick else 3),
-        "max_reps": args.max_reps,
-    }
     load = load_at_start()
     paths = [p for p in PATHS if p in args.paths]  # float32 eager first: it writes the reference
 
@@ -424,9 +318,7 @@ def main() -> None:
     }
     if args.device == "cuda":
         out["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

@@ -30,28 +30,36 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
-from synthesis import (  # noqa: E402
-    CONFIGS,
-    SAMPLE_DIR,
-    label_maps,
+from harness import (  # noqa: E402
+    add_common_arguments,
     load_at_start,
     memory_after_setup,
-    model_config,
     peak_rss_mb,
     print_table,
     run_worker,
     time_calls,
+    timing_settings,
+    write_results,
 )
+from machine import describe  # noqa: E402
+from synthesis import CONFIGS, label_maps, model_config  # noqa: E402
 
-from spade.config import PRECISION_CHOICES, ModelConfig, TrainConfig  # noqa: E402
+from spade.config import ModelConfig, TrainConfig  # noqa: E402
 from spade.losses import VGGLoss  # noqa: E402
-from spade.nn import MultiscaleDiscriminator  # noqa: E402
 from spade.nn.vgg import VGG19Features  # noqa: E402
 from spade.synthesize import read_rgb  # noqa: E402
-from spade.train.objective import GeneratorSide, Objective, TrainStep, init_weights  # noqa: E402
+from spade.train.objective import (  # noqa: E402
+    Objective,
+    TrainStep,
+    build_networks,
+    build_optimizers,
+    place,
+    training_numerics,
+)
 
 LOSSES = ("G_GAN", "G_feat", "G_VGG", "D_real", "D_fake")
+PRECISIONS = ("float32", "bfloat16", "float16")
+OUT = "benchmarks/results/train_step.json"
 
 
 def real_images(cfg: ModelConfig, inputs: dict, batch: int, sample_dir: Path) -> tuple[torch.Tensor, str]:
@@ -84,21 +92,14 @@ def worker(spec: dict) -> None:
     image, inputs["images"] = real_images(cfg, inputs, tc.batch_size, sample_dir)
     batch = {"label": label, "image": image} | ({"instance": instance} if instance is not None else {})
 
+    precision, channels_last = training_numerics(tc, device)  # as `spade train` decides them
     torch.manual_seed(tc.seed)
-    gside = GeneratorSide(cfg)
-    disc = MultiscaleDiscriminator.from_config(cfg)
-    init_weights(gside, tc.init_gain)
-    init_weights(disc, tc.init_gain)
-    gside.to(device)
-    disc.to(device)
-    if tc.channels_last:
-        gside.to(memory_format=torch.channels_last)
-        disc.to(memory_format=torch.channels_last)
+    gside, disc = build_networks(cfg, tc)
+    place(device, channels_last, gside, disc)
     vgg = VGGLoss(VGG19Features(load=False).to(device), tc.lambda_vgg) if tc.vgg_loss else None
-    opt_g = torch.optim.Adam(gside.parameters(), lr=tc.lr_G, betas=tc.betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_D, betas=tc.betas)
+    opt_g, opt_d = build_optimizers(gside, disc, tc)
     objective = Objective(cfg, tc, vgg)
-    step = TrainStep(objective, gside, disc, opt_g, opt_d, precision=tc.precision, device=device)
+    step = TrainStep(objective, gside, disc, opt_g, opt_d, precision=precision, device=device)
     memory = memory_after_setup()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -107,7 +108,7 @@ def worker(spec: dict) -> None:
 
     def one_iteration() -> dict[str, float]:
         nonlocal iteration
-        seg, real = objective.inputs(batch, device, tc.channels_last)
+        seg, real = objective.inputs(batch, device, channels_last)
         logged = step(seg, real, iteration)
         iteration += 1
         return {k: float(v) for k, v in logged.items()}  # the trainer reads every loss, as here
@@ -122,7 +123,8 @@ def worker(spec: dict) -> None:
     )
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     result = {
-        **{k: spec[k] for k in ("config", "batch", "precision", "channels_last")},
+        **{k: spec[k] for k in ("config", "batch", "precision")},
+        "channels_last": channels_last,  # what applied: float32 stays NCHW
         "threads": torch.get_num_threads(),
         **stats,
         "images_per_s": tc.batch_size / stats["median_s"],
@@ -154,37 +156,22 @@ def table_row(r: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=PRECISION_CHOICES)
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=PRECISIONS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="of the small configuration")
     parser.add_argument("--coco-batch-sizes", nargs="+", type=int, default=[1], help="of coco (8: add minutes)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--channels-last", default="off", choices=("off", "on", "both"))
-    parser.add_argument("--quick", action="store_true", help="2+ timed iterations, a 5 s timing budget per case")
-    parser.add_argument("--budget", type=float, help="seconds of timed iterations per case (default 60; 5 --quick)")
-    parser.add_argument("--min-reps", type=int, help="timed iterations per case at least (default 3, 2 with --quick)")
-    parser.add_argument("--max-reps", type=int, default=30, help="timed iterations per case at most")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up iterations (at least one)")
-    parser.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's choice)")
-    parser.add_argument("--sample-dir", type=Path, default=SAMPLE_DIR, help="COCO-Stuff sample (val_label, val_img)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
-    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--channels-last", default="off", choices=("off", "on", "both"), help="with bf16 / fp16 (float32 stays NCHW)"
+    )
+    add_common_arguments(parser, unit="iterations", budget="60, 5 with --quick", max_reps=30, out=OUT)
     args = parser.parse_args()
     if args._worker:
         worker(json.loads(args._worker))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    settings = timing_settings(parser, args, budget=60.0, quick=5.0)
     if min(args.batch_sizes + args.coco_batch_sizes) < 1:
         parser.error("batch sizes must be >= 1")
     if args.device == "cpu" and "float16" in args.precisions:
         parser.error("float16 training needs CUDA; on CPU use bfloat16 or float32")
-    settings = {
-        "threads": args.threads,
-        "warmup_s": args.warmup,
-        "budget_s": args.budget if args.budget is not None else (5.0 if args.quick else 60.0),
-        "min_reps": args.min_reps if args.min_reps is not None else (2 if args.quick else 3),
-        "max_reps": args.max_reps,
-    }
     load = load_at_start()
     layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
     cases = [
@@ -193,6 +180,7 @@ def main() -> None:
         for batch in (args.coco_batch_sizes if name == "coco" else args.batch_sizes)
         for precision in args.precisions
         for channels_last in layouts
+        if not (channels_last and precision == "float32")  # float32 trains NCHW whatever the setting
     ]
 
     rows = []
@@ -221,9 +209,7 @@ def main() -> None:
         "train_settings": train_settings(),
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, out)
 
 
 if __name__ == "__main__":

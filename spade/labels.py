@@ -90,7 +90,13 @@ def semantic_input(
     a don't-care class). instance: (N, 1, H, W) ids, required when the model uses
     instance edges.
     """
-    ids, edge = class_ids_and_edges(label, cfg, instance)
+    return one_hot_input(*class_ids_and_edges(label, cfg, instance), cfg, dtype=dtype)
+
+
+def one_hot_input(
+    ids: torch.Tensor, edge: torch.Tensor | None, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Checked class ids (N, H, W) [+ edges] (from `class_ids_and_edges`) -> the (N, C, H, W) one-hot input."""
     one_hot = F.one_hot(ids, cfg.label_nc + int(cfg.contain_dontcare_label)).permute(0, 3, 1, 2).to(dtype)
     if edge is None:
         return one_hot

@@ -6,7 +6,6 @@ command line, the serving handler and evaluation all go through it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,30 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from spade.checkpoints import Checkpoint
 from spade.config import ModelConfig
 from spade.errors import SpadeError
-from spade.labels import IMAGE_SUFFIXES, class_ids_and_edges, read_id_map, semantic_input, to_class_ids
+from spade.labels import IMAGE_SUFFIXES, class_ids_and_edges, one_hot_input, read_id_map, to_class_ids
 from spade.nn.inference import InferenceGenerator
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def bf16_supported(device: torch.device | str) -> bool:
-    """Whether bf16 matrix products run natively (AMX / AVX512-BF16 on CPU, Ampere+ on CUDA)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """ "auto" -> "bfloat16" where the device runs it natively, else "float32"; other names pass through."""
-    if precision == "auto":
-        return "bfloat16" if bf16_supported(device) else "float32"
-    if precision not in PRECISIONS:
-        raise SpadeError(f"unknown precision {precision!r}; use auto, {', '.join(PRECISIONS)}")
-    return precision
+from spade.precision import DTYPES, autocast_for, resolve_precision
 
 
 @dataclass
@@ -56,7 +34,7 @@ class LabelInput:
     original_size: tuple[int, int]  # (height, width) of the label file
 
 
-def _resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize with PIL, as the reference does for label and instance maps."""
     h, w = size
     if ids.shape == (h, w):
@@ -100,8 +78,8 @@ def prepare_label(cfg: ModelConfig, label_path: str | Path, instance_path: str |
     elif cfg.use_instance:
         inst = ids
     size = cfg.output_size
-    label = torch.from_numpy(_resize_ids(ids, size)).unsqueeze(0)
-    instance = torch.from_numpy(_resize_ids(inst, size)).unsqueeze(0) if cfg.use_instance else None
+    label = torch.from_numpy(resize_ids(ids, size)).unsqueeze(0)
+    instance = torch.from_numpy(resize_ids(inst, size)).unsqueeze(0) if cfg.use_instance else None
     return LabelInput(Path(label_path).stem, label, instance, raw.shape)
 
 
@@ -154,7 +132,7 @@ class Synthesizer:
                 self.generator,
                 n_onehot=cfg.label_nc + int(cfg.contain_dontcare_label),
                 use_edge=cfg.use_instance,
-                dtype=PRECISIONS[self.precision],
+                dtype=DTYPES[self.precision],
             )
         encoder = checkpoint.build_encoder()
         self.encoder = encoder.to(self.device) if encoder is not None else None
@@ -167,11 +145,6 @@ class Synthesizer:
     def multimodal(self) -> bool:
         return self.config.use_vae
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
-
     @torch.inference_mode()
     def encode_style(self, style: torch.Tensor) -> torch.Tensor:
         """Style images (N, 3, H, W) in [-1, 1] -> their mean style vectors mu (N, z_dim)."""
@@ -179,7 +152,7 @@ class Synthesizer:
             raise SpadeError(
                 f"this {self.config.preset} checkpoint has no image encoder, so it cannot take a style image"
             )
-        with self._autocast():
+        with autocast_for(self.precision, self.device):
             mu, _ = self.encoder(style.to(self.device))
         return mu.float()
 
@@ -204,9 +177,8 @@ class Synthesizer:
         A multi-modal (encoder) model uses `z` when given (one style vector per
         image), else the style images' mu when `style` is given, else z drawn from `seed`.
         """
-        label = label.to(self.device)
         instance = None if instance is None else instance.to(self.device)
-        seg = None if self.fast else semantic_input(label, self.config, instance)
+        ids, edge = class_ids_and_edges(label.to(self.device), self.config, instance)
         if z is not None:
             z = z.to(self.device)
         elif style is not None:
@@ -214,10 +186,9 @@ class Synthesizer:
         elif self.multimodal:
             z = self.style_noise(label.shape[0], seed).to(self.device)
         if self.fast:
-            ids, edge = class_ids_and_edges(label, self.config, instance)
             return self.generator(ids, edge, z)
-        with self._autocast():
-            out = self.generator(seg, z)
+        with autocast_for(self.precision, self.device):
+            out = self.generator(one_hot_input(ids, edge, self.config), z)
         return out.float()
 
     def synthesize_inputs(

@@ -184,7 +184,7 @@ def test_one_hot_table_lookup_is_the_convolution(k, edge):
     dense = F.one_hot(ids, n_onehot).permute(0, 3, 1, 2).float()
     if edge:
         dense = torch.cat([dense, edges.unsqueeze(1).float()], dim=1)
-    lookup = OneHotConv(conv, n_onehot=n_onehot, use_edge=edge, dtype=torch.float32)
+    lookup = OneHotConv.from_conv(conv, n_onehot=n_onehot, use_edge=edge, dtype=torch.float32)
     plan = LabelPlan(ids, edges, n_onehot=n_onehot, use_edge=edge)
     with torch.no_grad():
         assert (lookup(plan.at((9, 13))) - conv(dense)).abs().max() <= 1e-5

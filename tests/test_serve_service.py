@@ -15,7 +15,7 @@ from spade.checkpoints import Checkpoint
 from spade.config import ModelConfig
 from spade.serve.handler import BATCH_HEADER, SpadeHandler
 from spade.serve.service import RequestError, SynthesisService, class_names
-from spade.synthesize import Synthesizer, _resize_ids, to_uint8
+from spade.synthesize import Synthesizer, resize_ids, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_raw_png_body_matches_the_synthesizer_on_the_same_label(service):
     image = decode(resp.body)
     assert image.shape == (32, 32, 3)
     synth = Synthesizer(service.checkpoint, precision="float32")
-    ids = torch.from_numpy(_resize_ids(label.astype(np.int64), (32, 32)))[None, None]
+    ids = torch.from_numpy(resize_ids(label.astype(np.int64), (32, 32)))[None, None]
     np.testing.assert_array_equal(image, to_uint8(synth.synthesize(ids))[0])
 
 

@@ -76,6 +76,7 @@ def memory_format_for(dtype: torch.dtype) -> torch.memory_format:
 
 def _plain_conv(conv: nn.Conv2d, dtype: torch.dtype) -> nn.Conv2d:
     """A plain Conv2d holding `conv`'s effective weight, in `dtype` and its memory format."""
+    weight = effective_weight(conv)
     out = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -83,10 +84,10 @@ def _plain_conv(conv: nn.Conv2d, dtype: torch.dtype) -> nn.Conv2d:
         stride=conv.stride,
         padding=conv.padding,
         bias=conv.bias is not None,
-        device=conv.weight_orig.device if isinstance(conv, SpectralNormConv2d) else conv.weight.device,
+        device=weight.device,
     )
     with torch.no_grad():
-        out.weight.copy_(effective_weight(conv))
+        out.weight.copy_(weight)
         if conv.bias is not None:
             out.bias.copy_(conv.bias.detach())
     out.requires_grad_(False)
@@ -109,8 +110,7 @@ def onehot_table(weight: torch.Tensor, bias: torch.Tensor | None, n_onehot: int,
     per_pos = torch.cat([per_pos, per_pos.new_zeros(kh * kw, 1, out_c)], dim=1)  # + the padding "class"
     if edge:
         edge_w = w[:, n_onehot].permute(1, 2, 0).reshape(kh * kw, 1, out_c)
-        table = torch.stack([per_pos, per_pos + edge_w], dim=2)  # (pos, class, edge, out)
-        table[:, n_onehot, 1] = 0
+        table = torch.stack([per_pos, per_pos + edge_w], dim=2)  # (pos, class, edge, out); (n_onehot, 1) unused
     else:
         table = per_pos.unsqueeze(2)
     if bias is not None:
@@ -121,9 +121,10 @@ def onehot_table(weight: torch.Tensor, bias: torch.Tensor | None, n_onehot: int,
 class LabelLevel:
     """The label map at one resolution, with the indices every SPADE layer there shares."""
 
-    def __init__(self, joint: torch.Tensor, joint_classes: int) -> None:
+    def __init__(self, joint: torch.Tensor, joint_classes: int, padding: int) -> None:
         self.joint = joint  # (N, h, w) int64: class * E + edge
-        self.joint_classes = joint_classes  # J: number of joint values, the padding one included
+        self.joint_classes = joint_classes  # J: number of joint values, the padding ones included
+        self.padding = padding  # the joint value of the zero padding (class n_onehot, no edge)
         self._bag: dict[int, torch.Tensor] = {}
         self._neighbours: dict[int, torch.Tensor] = {}
         self._boundary: dict[int, torch.Tensor] = {}
@@ -137,7 +138,7 @@ class LabelLevel:
         if k not in self._bag:
             n, h, w = self.joint.shape
             p = k // 2
-            padded = F.pad(self.joint, (p, p, p, p), value=self.joint_classes - 1)
+            padded = F.pad(self.joint, (p, p, p, p), value=self.padding)
             cols = [
                 padded[:, dy : dy + h, dx : dx + w] + (dy * k + dx) * self.joint_classes
                 for dy in range(k)
@@ -185,6 +186,7 @@ class LabelPlan:
             joint = joint + edge.long()
         self.full = joint
         self.joint_classes = (n_onehot + 1) * factor
+        self.padding = n_onehot * factor
         self._levels: dict[tuple[int, int], LabelLevel] = {}
 
     def at(self, size: tuple[int, int]) -> LabelLevel:
@@ -193,25 +195,29 @@ class LabelPlan:
             if tuple(joint.shape[-2:]) != size:
                 # nearest, exactly as the reference resizes the one-hot map (values < 2^24 are exact in float)
                 joint = F.interpolate(joint.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).long()
-            self._levels[size] = LabelLevel(joint, self.joint_classes)
+            self._levels[size] = LabelLevel(joint, self.joint_classes, self.padding)
         return self._levels[size]
 
 
 class OneHotConv(nn.Module):
     """A convolution over a one-hot label map (+ edge channel), done as a table lookup."""
 
-    def __init__(self, conv: nn.Conv2d, *, n_onehot: int, use_edge: bool, dtype: torch.dtype) -> None:
+    def __init__(self, table: torch.Tensor, k: int, dtype: torch.dtype) -> None:
         super().__init__()
-        if conv.kernel_size[0] != conv.kernel_size[1] or conv.padding[0] != conv.kernel_size[0] // 2:
-            raise SpadeError("only square, same-padded convolutions can become a one-hot table")
-        self.k = conv.kernel_size[0]
-        bias = conv.bias.detach() if conv.bias is not None else None
-        table = onehot_table(effective_weight(conv), bias, n_onehot, use_edge)
+        self.k = k
         self.register_buffer("table", table.to(dtype))
 
-    @property
-    def out_channels(self) -> int:
-        return self.table.shape[1]
+    @staticmethod
+    def exact_table(conv: nn.Conv2d, *, n_onehot: int, use_edge: bool) -> torch.Tensor:
+        """`onehot_table` of a square, same-padded convolution, in float64."""
+        if conv.kernel_size[0] != conv.kernel_size[1] or conv.padding[0] != conv.kernel_size[0] // 2:
+            raise SpadeError("only square, same-padded convolutions can become a one-hot table")
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return onehot_table(effective_weight(conv), bias, n_onehot, use_edge)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, n_onehot: int, use_edge: bool, dtype: torch.dtype) -> OneHotConv:
+        return cls(cls.exact_table(conv, n_onehot=n_onehot, use_edge=use_edge), conv.kernel_size[0], dtype)
 
     def rows(self, level: LabelLevel) -> torch.Tensor:
         """(N*h*w, out) outputs, one row per pixel."""
@@ -242,14 +248,15 @@ class FoldedSPADE(nn.Module):
         super().__init__()
         norm = spade.param_free_norm
         shared = spade.mlp_shared[0]
-        self.shared = OneHotConv(shared, n_onehot=n_onehot, use_edge=use_edge, dtype=dtype)
+        table = OneHotConv.exact_table(shared, n_onehot=n_onehot, use_edge=use_edge)
+        self.shared = OneHotConv(table, shared.kernel_size[0], dtype)
         wg, bg = spade.mlp_gamma.weight.detach().double(), spade.mlp_gamma.bias.detach().double()
         wb, bb = spade.mlp_beta.weight.detach().double(), spade.mlp_beta.bias.detach().double()
         self.channels = wg.shape[0]
         self.k = wg.shape[-1]
         self.instance_norm: nn.Module | None = None
         if isinstance(norm, nn.InstanceNorm2d):
-            self.instance_norm = nn.InstanceNorm2d(self.channels, affine=False, eps=norm.eps)
+            self.instance_norm = norm
             w_g, b_g, w_b, b_b = wg, 1 + bg, wb, bb
         elif getattr(norm, "running_mean", None) is not None:
             scale = (norm.running_var.double() + norm.eps).rsqrt()
@@ -273,7 +280,6 @@ class FoldedSPADE(nn.Module):
         copied = matrix.data_ptr() != self.weight.data_ptr()
         self.register_buffer("matrix", matrix if copied else None, persistent=False)
         # the modulation of a window that holds a single joint value j everywhere
-        table = onehot_table(shared.weight, shared.bias, n_onehot, use_edge)
         hidden = F.relu(table.view(self.shared.k**2, -1, wg.shape[1]).sum(0))
         self.register_buffer("constant", (hidden @ weight.sum(dim=(2, 3)).t() + bias).to(dtype))
 
@@ -348,7 +354,7 @@ class InferenceGenerator(nn.Module):
             self.fc.load_state_dict(g.fc.state_dict())
             self.fc.to(dtype)
         else:
-            self.fc = OneHotConv(g.fc, **spade)
+            self.fc = OneHotConv.from_conv(g.fc, **spade)
         names = ["head_0", "G_middle_0", "G_middle_1", "up_0", "up_1", "up_2", "up_3"]
         if g.num_upsampling_layers == "most":
             names.append("up_4")

@@ -25,7 +25,7 @@ import yaml
 
 from spade.errors import SpadeError
 
-PRECISIONS = ("float32", "bfloat16")  # as spade.synthesize.PRECISIONS; kept here so `spade --help` needs no torch
+PRECISIONS = ("float32", "bfloat16")  # spade.precision.INFERENCE_PRECISIONS; kept here so `spade --help` needs no torch
 
 SERIALIZED_NAME = "spade_model.pt"
 HANDLER_NAME = "spade_handler.py"

@@ -40,7 +40,7 @@ from spade.checkpoints import Checkpoint
 from spade.errors import SpadeError
 from spade.labels import SINGLE_CHANNEL_MODES, to_class_ids
 from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64
-from spade.synthesize import Synthesizer, _resize_ids, to_uint8
+from spade.synthesize import Synthesizer, resize_ids, to_uint8
 
 FIELDS = ("label", "instance", "style", "seed", "output_size")
 DEFAULT_MAX_INSTANCES = 16
@@ -228,8 +228,8 @@ class SynthesisService:
         elif cfg.use_instance:
             inst = ids
         size = cfg.output_size
-        label = torch.from_numpy(_resize_ids(ids, size)).unsqueeze(0)
-        instance = torch.from_numpy(_resize_ids(inst, size)).unsqueeze(0) if cfg.use_instance else None
+        label = torch.from_numpy(resize_ids(ids, size)).unsqueeze(0)
+        instance = torch.from_numpy(resize_ids(inst, size)).unsqueeze(0) if cfg.use_instance else None
         style = None
         if fields.get("style") is not None:
             if not self.synthesizer.multimodal:

@@ -27,9 +27,7 @@ from spade.checkpoints import Checkpoint
 from spade.config import Settings
 from spade.errors import SpadeError
 from spade.losses import VGGLoss
-from spade.nn import MultiscaleDiscriminator
 from spade.nn.vgg import VGG19Features
-from spade.synthesize import bf16_supported
 from spade.train import checkpointing as ckpts
 from spade.train.distributed import (
     DistInfo,
@@ -39,7 +37,14 @@ from spade.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from spade.train.objective import GeneratorSide, Objective, TrainStep, init_weights
+from spade.train.objective import (
+    Objective,
+    TrainStep,
+    build_networks,
+    build_optimizers,
+    place,
+    training_numerics,
+)
 from spade.train.sync_batchnorm import convert_sync_batchnorm
 from spade.train.tracking import MLflowTracker, Tracker, git_commit
 from spade.visualize import dataset_colours, sample_grid
@@ -128,14 +133,7 @@ def train(
         device = pick_device(tc.device, info)
         if tc.batch_size % info.world_size:
             raise SpadeError(f"train.batch_size {tc.batch_size} must be divisible by the {info.world_size} processes")
-        precision = tc.precision
-        if precision == "auto":
-            precision = "bfloat16" if bf16_supported(device) else "float32"
-        # channels-last pays with bf16 / fp16; float32 stays NCHW, the exact path (oneDNN's channels-last
-        # float32 convolutions round more)
-        channels_last = tc.channels_last and precision != "float32"
-        if precision == "float16" and device.type != "cuda":
-            raise SpadeError("train.precision=float16 needs CUDA; on CPU use bfloat16 or float32")
+        precision, channels_last = training_numerics(tc, device)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -148,21 +146,12 @@ def train(
             raise SpadeError(f"the dataset has {len(dataset)} samples, fewer than one batch of {tc.batch_size}")
         preview = _preview_batch(settings, progress=False) if info.is_main and tc.sample_every else None
 
-        gside = GeneratorSide(mc)
-        disc = MultiscaleDiscriminator.from_config(mc)
-        init_weights(gside, tc.init_gain)
-        init_weights(disc, tc.init_gain)
+        gside, disc = build_networks(mc, tc)
         if info.enabled and mc.spade_norm == "syncbatch":
             gside = convert_sync_batchnorm(gside, device.type)
-        gside.to(device)
-        disc.to(device)
-        if channels_last:
-            gside.to(memory_format=torch.channels_last)
-            disc.to(memory_format=torch.channels_last)
+        place(device, channels_last, gside, disc)
         vgg = VGGLoss(VGG19Features(tc.vgg_weights or None).to(device), tc.lambda_vgg) if tc.vgg_loss else None
-
-        opt_g = torch.optim.Adam(gside.parameters(), lr=tc.lr_G, betas=tc.betas)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_D, betas=tc.betas)
+        opt_g, opt_d = build_optimizers(gside, disc, tc)
         start_iter, epoch, batch_in_epoch, run_id = 0, 0, 0, None
         scaler_state = None
         location = tc.checkpoint_location

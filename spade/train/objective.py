@@ -7,16 +7,17 @@ sent through it in one batch, as in the authors' release.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from spade.config import ModelConfig, TrainConfig
+from spade.errors import SpadeError
 from spade.labels import semantic_input
 from spade.losses import GANLoss, VGGLoss, feature_matching_loss, kl_divergence
-from spade.nn import ConvEncoder, SPADEGenerator, reparameterize
+from spade.nn import ConvEncoder, MultiscaleDiscriminator, SPADEGenerator, reparameterize
+from spade.precision import autocast_for, resolve_precision
 
 
 class GeneratorSide(nn.Module):
@@ -50,6 +51,39 @@ def init_weights(module: nn.Module, gain: float = 0.02) -> None:
         elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.normal_(m.weight, 1.0, gain)
             nn.init.zeros_(m.bias)
+
+
+def training_numerics(tc: TrainConfig, device: torch.device) -> tuple[str, bool]:
+    """(precision, channels_last) a run uses on `device`: "auto" resolved, and channels-last only with
+    bf16 / fp16; float32 stays NCHW, the exact path (oneDNN's channels-last float32 convolutions round more)."""
+    precision = resolve_precision(tc.precision, device, choices=("float32", "bfloat16", "float16"))
+    if precision == "float16" and device.type != "cuda":
+        raise SpadeError("train.precision=float16 needs CUDA; on CPU use bfloat16 or float32")
+    return precision, tc.channels_last and precision != "float32"
+
+
+def build_networks(mc: ModelConfig, tc: TrainConfig) -> tuple[GeneratorSide, MultiscaleDiscriminator]:
+    """The generator side and the discriminator, initialised as the release does."""
+    gside = GeneratorSide(mc)
+    disc = MultiscaleDiscriminator.from_config(mc)
+    init_weights(gside, tc.init_gain)
+    init_weights(disc, tc.init_gain)
+    return gside, disc
+
+
+def place(device: torch.device, channels_last: bool, *modules: nn.Module) -> None:
+    """Move modules to `device`, channels-last when asked."""
+    for m in modules:
+        m.to(device)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+
+
+def build_optimizers(gside: nn.Module, disc: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for each side, with the TTUR learning rates and betas of `tc`."""
+    opt_g = torch.optim.Adam(gside.parameters(), lr=tc.lr_G, betas=tc.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_D, betas=tc.betas)
+    return opt_g, opt_d
 
 
 @dataclass
@@ -101,14 +135,6 @@ class Objective:
         pred_fake, pred_real = self.discriminate(d, seg, fake, real)
         d_real, d_fake = self.gan.discriminator(pred_real, pred_fake)
         return {"D_real": d_real, "D_fake": d_fake}
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast on `device`, or nothing for float32."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class TrainStep:

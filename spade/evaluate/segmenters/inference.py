@@ -14,6 +14,7 @@ from torch import nn
 
 from spade.errors import SpadeError
 from spade.evaluate.segmenters.base import Segmentation
+from spade.precision import autocast_for
 
 MAX_KEYS_SHOWN = 5
 
@@ -57,9 +58,7 @@ def batches_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> Iterat
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on the device when asked for, else nothing (float32)."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return autocast_for("bfloat16" if bf16 else "float32", device)
 
 
 def to_segmentation(logits: torch.Tensor, size: tuple[int, int]) -> Segmentation:
