@@ -46,9 +46,11 @@ from harness import (  # noqa: E402
 from machine import describe  # noqa: E402
 
 from spade.checkpoints import Checkpoint  # noqa: E402
-from spade.config import ModelConfig  # noqa: E402
+from spade.config import (
+    INFERENCE_PRECISIONS,  # noqa: E402
+    ModelConfig,  # noqa: E402
+)
 from spade.labels import instance_edges, read_id_map, semantic_input  # noqa: E402
-from spade.precision import INFERENCE_PRECISIONS  # noqa: E402
 from spade.synthesize import Synthesizer, prepare_label, resize_ids, to_uint8  # noqa: E402
 from spade.train.objective import GeneratorSide, init_weights  # noqa: E402
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from spade.config import add_settings_arguments, params_path
+from spade.config import PRECISION_CHOICES, add_precision_argument, add_settings_arguments, load_settings, params_path
 from spade.errors import SpadeError
 
 EXAMPLES = {
@@ -105,9 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch size (same as --set train.batch_size=N)")
     p.add_argument("--out", help="output folder (same as --set train.out_dir=DIR)")
     p.add_argument("--data", help="dataset root (same as --set data.root=DIR)")
-    p.add_argument(
-        "--precision", choices=("auto", "float32", "bfloat16", "float16"), help="same as --set train.precision="
-    )
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help="same as --set train.precision=")
     p.add_argument("--device", help="cpu, cuda or auto (same as --set train.device=)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable or unpaired files instead of failing")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -128,12 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default ./evaluation)")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="auto (default): bfloat16 where the device runs it natively, else float32; float32: the exact path",
-    )
+    add_precision_argument(p)
     p.add_argument("--seed", type=int, default=0, help="style seed for multi-modal models")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--experiment", default="spade", help="MLflow experiment when the checkpoint has no run")
@@ -218,12 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="fail unless the checkpoint was made for this preset")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass in directory mode")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="auto (default): bfloat16 where the device runs it natively, else float32; float32: the exact path",
-    )
+    add_precision_argument(p)
 
     from pipelines import cli as pipeline_cli
     from spade.data import fetch
@@ -280,7 +268,6 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def train_settings(args: argparse.Namespace):  # noqa: ANN201
-    from spade.config import load_settings
 
     params = params_path(args.params)
     overrides = list(args.overrides)

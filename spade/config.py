@@ -217,6 +217,9 @@ class DataConfig:
             raise SpadeError("data.load_size must be >= 1; num_workers and max_samples >= 0")
 
 
+# synthesis / serving / evaluation run float32 or bfloat16; training may also use float16 (CUDA). "auto" is resolved
+# by spade.precision. Kept here, free of torch, so that building the command line imports no torch.
+INFERENCE_PRECISIONS = ("float32", "bfloat16")
 PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -449,6 +452,16 @@ def add_settings_arguments(
         default=[],
         metavar="SECTION.KEY=VALUE",
         help=f"override one setting, e.g. {example} (repeatable)",
+    )
+
+
+def add_precision_argument(parser, *, what: str = "") -> None:
+    """`--precision auto|float32|bfloat16` (default auto), as every command that synthesizes takes it."""
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", *INFERENCE_PRECISIONS),
+        help=f"{what}auto (default): bfloat16 where the device runs it natively, else float32; float32: the exact path",
     )
 
 

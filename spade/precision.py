@@ -12,10 +12,10 @@ import contextlib
 
 import torch
 
+from spade.config import INFERENCE_PRECISIONS
 from spade.errors import SpadeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INFERENCE_PRECISIONS = ("float32", "bfloat16")
 
 
 def bf16_supported(device: torch.device | str) -> bool:

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from spade.config import INFERENCE_PRECISIONS, add_precision_argument
 from spade.errors import SpadeError
-
-PRECISIONS = ("float32", "bfloat16")  # spade.precision.INFERENCE_PRECISIONS; kept here so `spade --help` needs no torch
 
 SERIALIZED_NAME = "spade_model.pt"
 HANDLER_NAME = "spade_handler.py"
@@ -61,8 +60,8 @@ class ServingOptions:
     max_batch: int = 8
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", *PRECISIONS):
-            raise SpadeError(f"precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.precision not in ("auto", *INFERENCE_PRECISIONS):
+            raise SpadeError(f"precision must be auto, {', '.join(INFERENCE_PRECISIONS)}; got {self.precision!r}")
         for name in ("batch_size", "workers", "response_timeout_s", "max_pixels", "max_batch"):
             if getattr(self, name) < 1:
                 raise SpadeError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -223,7 +222,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch (default 50)")
     p.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds per batch before TorchServe gives up")
-    p.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), help="auto: bf16 where supported")
+    add_precision_argument(p, what="the handler's precision: ")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image in a request, in pixels")
     p.add_argument("--max-batch", type=int, default=8, help="images per forward pass in the handler")
     p.add_argument("--force", action="store_true", help="overwrite an existing NAME.mar")
