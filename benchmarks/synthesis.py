@@ -116,7 +116,7 @@ def label_maps(cfg: ModelConfig, batch: int, sample_dir: Path) -> tuple[torch.Te
         info = {"source": f"Voronoi maps of {VORONOI_SEEDS} random points, random classes", "seeds": list(range(batch))}
     label = torch.stack(labels)
     # the share of pixels with a 4-neighbour of another class
-    info["boundary_fraction"] = round(instance_edges(label).mean().item(), 4)
+    info["boundary_fraction"] = round(instance_edges(label).float().mean().item(), 4)
     return label, torch.stack(instances) if cfg.use_instance else None, info
 
 

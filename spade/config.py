@@ -82,8 +82,14 @@ class ModelConfig:
             raise SpadeError("invalid model settings: " + "; ".join(problems))
 
     @property
+    def onehot_nc(self) -> int:
+        """One-hot class channels: the classes and the don't-care class where there is one."""
+        return self.label_nc + int(self.contain_dontcare_label)
+
+    @property
     def semantic_nc(self) -> int:
-        return self.label_nc + int(self.contain_dontcare_label) + int(self.use_instance)
+        """Every channel of the generator input: the one-hot classes and the instance-edge channel."""
+        return self.onehot_nc + int(self.use_instance)
 
     @property
     def num_up(self) -> int:

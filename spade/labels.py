@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from spade.config import ModelConfig
+from spade.data.suffixes import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported
 from spade.errors import SpadeError
 
 DONTCARE_VALUE = 255
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
 
 
@@ -67,9 +67,9 @@ def to_class_ids(raw: np.ndarray, cfg: ModelConfig, *, source: str = "label map"
 
 
 def instance_edges(instance: torch.Tensor) -> torch.Tensor:
-    """1 where a pixel's instance id differs from one of its 4 neighbours, else 0.
+    """True where a pixel's instance id differs from one of its 4 neighbours.
 
-    instance: (N, 1, H, W) integer ids. Returns a float tensor of the same shape.
+    instance: (N, 1, H, W) integer ids. Returns a bool tensor of the same shape.
     """
     edge = torch.zeros_like(instance, dtype=torch.bool)
     dx = instance[..., :, 1:] != instance[..., :, :-1]
@@ -78,7 +78,7 @@ def instance_edges(instance: torch.Tensor) -> torch.Tensor:
     edge[..., :, :-1] |= dx
     edge[..., 1:, :] |= dy
     edge[..., :-1, :] |= dy
-    return edge.float()
+    return edge
 
 
 def semantic_input(
@@ -97,7 +97,7 @@ def one_hot_input(
     ids: torch.Tensor, edge: torch.Tensor | None, cfg: ModelConfig, *, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Checked class ids (N, H, W) [+ edges] (from `class_ids_and_edges`) -> the (N, C, H, W) one-hot input."""
-    one_hot = F.one_hot(ids, cfg.label_nc + int(cfg.contain_dontcare_label)).permute(0, 3, 1, 2).to(dtype)
+    one_hot = F.one_hot(ids, cfg.onehot_nc).permute(0, 3, 1, 2).to(dtype)
     if edge is None:
         return one_hot
     return torch.cat([one_hot, edge.unsqueeze(1).to(dtype)], dim=1)
@@ -108,16 +108,18 @@ def class_ids_and_edges(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the one-hot input encodes, checked: class ids (N, H, W) and, for instance-aware models, edges (N, H, W).
 
-    label and instance as for `semantic_input`; the edges are 0/1 int64 (None without instance edges).
+    label and instance as for `semantic_input`; the edges are bool (None without instance edges).
     """
-    nc = cfg.label_nc + int(cfg.contain_dontcare_label)
+    nc = cfg.onehot_nc
     label = label.long()
-    if label.numel() and (int(label.min()) < 0 or int(label.max()) >= nc):
-        raise SpadeError(f"class ids must lie in 0..{nc - 1}, got {int(label.min())}..{int(label.max())}")
+    if label.numel():
+        low, high = (int(v) for v in torch.aminmax(label))
+        if low < 0 or high >= nc:
+            raise SpadeError(f"class ids must lie in 0..{nc - 1}, got {low}..{high}")
     if not cfg.use_instance:
         return label[:, 0], None
     if instance is None:
         raise SpadeError(f"the {cfg.preset} model uses instance edges: an instance map is required")
     if instance.shape != label.shape:
         raise SpadeError(f"instance map shape {tuple(instance.shape)} differs from label shape {tuple(label.shape)}")
-    return label[:, 0], instance_edges(instance)[:, 0].long()
+    return label[:, 0], instance_edges(instance)[:, 0]

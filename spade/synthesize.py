@@ -130,7 +130,7 @@ class Synthesizer:
             cfg = self.config
             self.generator = InferenceGenerator.from_generator(
                 self.generator,
-                n_onehot=cfg.label_nc + int(cfg.contain_dontcare_label),
+                n_onehot=cfg.onehot_nc,
                 use_edge=cfg.use_instance,
                 dtype=DTYPES[self.precision],
             )

@@ -60,7 +60,7 @@ def region_labels(cfg: ModelConfig, n: int, seed: int, regions: int = 24) -> tup
     """Label maps made of Voronoi regions (like real segmentations) and instance maps splitting them further."""
     gen = torch.Generator().manual_seed(seed)
     h, w = cfg.output_size
-    nc = cfg.label_nc + int(cfg.contain_dontcare_label)
+    nc = cfg.onehot_nc
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     labels, instances = [], []
     for _ in range(n):
@@ -105,9 +105,7 @@ def case(request):
 
 
 def run_fast(cfg, g, label, instance, z, dtype):
-    folded = InferenceGenerator.from_generator(
-        g, n_onehot=cfg.label_nc + int(cfg.contain_dontcare_label), use_edge=cfg.use_instance, dtype=dtype
-    )
+    folded = InferenceGenerator.from_generator(g, n_onehot=cfg.onehot_nc, use_edge=cfg.use_instance, dtype=dtype)
     ids, edge = class_ids_and_edges(label, cfg, instance)
     return folded(ids, edge, z)
 

@@ -41,13 +41,13 @@ class Response:
 
 
 def decode_base64(text: object, name: str) -> bytes:
-    """Base64 text (or a browser's data: URL) -> bytes; RequestError naming the field when it is not."""
+    """Base64 text (or a browser's data: URL; line breaks allowed) -> bytes; RequestError naming the field when not."""
     if not isinstance(text, str):
         raise RequestError(f"'{name}' must be base64 text, got {type(text).__name__}")
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]
     try:
-        data = base64.b64decode(text, validate=True)
+        data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"'{name}' is not valid base64 text") from None
     if not data:

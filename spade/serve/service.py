@@ -23,7 +23,6 @@ message that says what is wrong; one bad request never fails the others of its b
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import re
@@ -110,7 +109,8 @@ def encode_png(image: np.ndarray) -> bytes:
 class SynthesisService:
     """A checkpoint loaded once; validates payloads and answers them with PNG images.
 
-    `precision` "auto" runs bf16 autocast where the device supports it natively.
+    `precision` "auto" runs bf16 where the device supports it natively; `fast` as for `Synthesizer`
+    (False: the eager reference generator).
     `max_pixels` bounds every image in a request (label, instance, style, output).
     `max_batch` bounds one forward pass; larger batches are split.
     """
@@ -124,6 +124,7 @@ class SynthesisService:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_batch: int = 8,
         max_instances: int = DEFAULT_MAX_INSTANCES,
+        fast: bool = True,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint.load(checkpoint)
@@ -131,7 +132,7 @@ class SynthesisService:
             raise SpadeError("max_pixels, max_batch and max_instances must be positive")
         self.checkpoint = checkpoint
         self.config = checkpoint.config
-        self.synthesizer = Synthesizer(checkpoint, device=device, precision=precision)
+        self.synthesizer = Synthesizer(checkpoint, device=device, precision=precision, fast=fast)
         self.max_pixels = max_pixels
         self.max_batch = max_batch
         self.max_instances = max_instances
@@ -385,10 +386,9 @@ def _binary(value: object, name: str) -> bytes:
         data = bytes(value)
         if not _BASE64_TEXT.fullmatch(data):
             return data  # raw image bytes (multipart file or request body)
-        text = data.decode("ascii").split(",", 1)[-1]  # base64 text sent in a form field (maybe a data URL)
-        try:
-            return base64.b64decode("".join(text.split()), validate=True) or data
-        except (binascii.Error, ValueError):
+        try:  # base64 text sent in a form field (maybe a data URL)
+            return decode_base64(data.decode("ascii"), name)
+        except RequestError:
             return data  # not base64 after all: let the image decoder say what is wrong
     if not isinstance(value, str):
         raise RequestError(f"'{name}' must be an image (raw bytes, or base64 text in JSON), got {type(value).__name__}")
