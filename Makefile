@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+CODE := spade components pipelines tests benchmarks
 
 .PHONY: install demo test lint format clean tools
 
@@ -21,8 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/spade pipeline demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check spade components pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check spade components pipelines tests benchmarks
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
 
 # System tools the suite drives for real: Chromium (the painter page) and Java 17 (TorchServe).
 tools:
@@ -36,8 +37,8 @@ test: lint tools
 	$(PY) -m pytest
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format spade components pipelines tests benchmarks
-	$(VENV)/bin/ruff check --fix spade components pipelines tests benchmarks
+	$(VENV)/bin/ruff format $(CODE)
+	$(VENV)/bin/ruff check --fix $(CODE)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info data/builtin runs mlruns.db mlartifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info data/builtin data/demo runs mlruns.db mlartifacts
