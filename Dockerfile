@@ -31,12 +31,18 @@ RUN mkdir -p /usr/share/man/man1 \
 RUN useradd --create-home --uid ${APP_UID} --user-group --shell /bin/bash spade
 
 WORKDIR /app
-# .dockerignore keeps the context to the sources (no .venv, data, runs, MLflow stores)
-COPY --chown=spade:spade . /app
-
-# extras: serve (TorchServe), pipeline (kfp), tracking (PostgreSQL driver for mlflow server)
+# The dependencies first, from the project's metadata alone (pyproject.toml and the README it names): this
+# layer is rebuilt when they change, not on every source edit. Extras: serve (TorchServe), pipeline (kfp),
+# tracking (PostgreSQL driver for mlflow server). The package built here holds no code yet.
+COPY --chown=spade:spade pyproject.toml README.md /app/
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" torch torchvision; fi \
     && pip install ".[${EXTRAS}]" \
+    && rm -rf build *.egg-info
+
+# Then the sources (.dockerignore keeps the context to them: no .venv, data, runs, MLflow stores), installed
+# over that empty package without touching the dependencies.
+COPY --chown=spade:spade . /app
+RUN pip install --no-deps --force-reinstall . \
     && spade --help > /dev/null \
     && torchserve --help > /dev/null
 

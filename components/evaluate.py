@@ -36,21 +36,22 @@ def evaluate(
     from pathlib import Path
 
     from components import runtime
-    from spade.config import DataConfig, TrackingConfig
+    from spade.config import LAYOUTS, DataConfig
     from spade.evaluate.evaluation import evaluate as run_evaluation
 
-    root = Path(data) if data else runtime.dataset_root(dataset.path, dataset.metadata)
-    layout = dataset.metadata.get("layout", "custom") if not data else "custom"
-    data_section = runtime.section(params, "data")
-    tracking = runtime.section(params, "tracking")
+    settings = runtime.settings(params)
+    if data:  # a folder of ground truth in the custom layout
+        root, layout = Path(data), "custom"
+    else:
+        root, layout = runtime.dataset_root(dataset.path, dataset.metadata), dataset.metadata.get("layout", "")
     result = run_evaluation(
-        Path(model.path) / model.metadata.get("checkpoint", "final.pt"),
-        DataConfig(
-            layout=layout if layout != "photos" else "custom",
+        runtime.checkpoint_path(model.path, model.metadata),
+        DataConfig(  # the split's own folders, read as the training stage reads them
+            layout=layout if layout in LAYOUTS else "custom",
             root=str(root),
             split=runtime.evaluation_split(root, split),
-            load_size=int(data_section.get("load_size", 286)),
-            preprocess_mode=str(data_section.get("preprocess_mode", "resize_and_crop")),
+            load_size=settings.data.load_size,
+            preprocess_mode=settings.data.preprocess_mode,
         ),
         segmenter=segmenter,
         segmenter_weights=segmenter_weights,
@@ -62,11 +63,7 @@ def evaluate(
         precision=precision,
         out_dir=evaluation.path,
         seed=seed,
-        tracking=TrackingConfig(
-            tracking_uri=str(tracking.get("tracking_uri", "")),
-            experiment=str(tracking.get("experiment", "spade")),
-            enabled=bool(tracking.get("enabled", True)),
-        ),
+        tracking=settings.tracking,
         progress=False,
     )
     values = result.metrics

@@ -16,15 +16,14 @@ def fetch_dataset(
 ) -> NamedTuple("FetchOutputs", needs_labels=bool, layout=str, fingerprint=str, files=int):
     """Fetch `source` with spade.data.fetch; `needs_labels` is true for an unlabeled photo collection."""
     import collections
-    import os
 
+    from components.runtime import DATASET_ROOT_KEY
     from spade.data.fetch import fetch_dataset as fetch
 
     result = fetch(source, dataset.path, sha256=sha256 or None, layout=layout, progress=False)
-    root = os.path.relpath(os.path.realpath(result.path), os.path.realpath(dataset.path))
     dataset.metadata.update(
         {
-            "root": "" if root == "." else root,
+            DATASET_ROOT_KEY: "",  # the dataset is the artifact's folder itself
             "layout": result.layout,
             "fingerprint": result.fingerprint,
             "files": result.files,
@@ -40,7 +39,7 @@ def fetch_dataset(
 @spade_component
 def use_labeled_dataset(fetched: Input[Dataset], dataset: Output[Dataset]):
     """The labeled branch: the fetched dataset goes on to training as it is (no pseudo-labelling)."""
-    from components.runtime import dataset_root, link_tree
+    from components.runtime import DATASET_ROOT_KEY, dataset_root, link_tree
 
     link_tree(dataset_root(fetched.path, fetched.metadata), dataset.path)
-    dataset.metadata.update({**fetched.metadata, "root": ""})
+    dataset.metadata.update({**fetched.metadata, DATASET_ROOT_KEY: ""})

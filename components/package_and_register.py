@@ -29,14 +29,12 @@ def package_and_register(
     from pathlib import Path
 
     from components import runtime
-    from spade.config import RegisterConfig, TrackingConfig
     from spade.serve.package import ServingOptions, package
     from spade.serve.register import register
 
+    settings = runtime.settings(params)
     pkg = runtime.section(params, "package")
-    reg = runtime.section(params, "register")
-    tracking = runtime.section(params, "tracking")
-    name = model_name or reg.get("model_name") or pkg.get("name") or "spade"
+    name = model_name or settings.register.model_name or pkg.get("name") or "spade"
     version = version or time.strftime("%Y%m%d%H%M%S", time.gmtime())
     options = ServingOptions(
         batch_size=int(pkg.get("batch_size", 4)),
@@ -44,7 +42,7 @@ def package_and_register(
         workers=int(pkg.get("workers", 1)),
         precision=str(pkg.get("precision", "auto")),
     )
-    checkpoint = Path(model.path) / model.metadata.get("checkpoint", "final.pt")
+    checkpoint = runtime.checkpoint_path(model.path, model.metadata)
     built = package(checkpoint, name=name, version=version, out=archive.path, options=options, force=True)
     print(f"packaged {built.mar} and {built.kserve_root}")
     result = register(
@@ -54,11 +52,8 @@ def package_and_register(
         model_name=name,
         force=force,
         decision_out=decision.path,
-        config=RegisterConfig(**reg),
-        tracking=TrackingConfig(
-            tracking_uri=str(tracking.get("tracking_uri", "")),
-            experiment=str(tracking.get("experiment", "spade")),
-        ),
+        config=settings.register,
+        tracking=settings.tracking,
     )
     archive.metadata.update({"mar": built.mar.name, "kserve": "kserve", "name": name, "version": version})
     decision.metadata.update({k: result.get(k) for k in ("model_name", "version", "decision", "promoted", "reason")})

@@ -18,7 +18,7 @@ def pseudolabel(
     """spade.pseudolabel over the photos (ROOT/train and ROOT/val, else ROOT/images or ROOT); returns the count."""
     from pathlib import Path
 
-    from components.runtime import dataset_root, pseudolabel_photos
+    from components.runtime import DATASET_ROOT_KEY, dataset_root, pseudolabel_photos
     from spade.errors import SpadeError
 
     reports = pseudolabel_photos(
@@ -34,6 +34,6 @@ def pseudolabel(
     if labelled == 0:
         raise SpadeError("pseudo-labelling kept no photo (all unreadable or below min_confidence)")
     dataset.metadata.update(
-        {"root": "", "layout": "custom", "pseudolabel": reports, "source": photos.metadata.get("source", "")}
+        {DATASET_ROOT_KEY: "", "layout": "custom", "pseudolabel": reports, "source": photos.metadata.get("source", "")}
     )
     return labelled

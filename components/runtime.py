@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-DATASET_ROOT_KEY = "root"  # artifact metadata: the dataset's folder relative to the artifact path
+if TYPE_CHECKING:
+    from spade.config import Settings
+
+DATASET_ROOT_KEY = "root"  # artifact metadata: the dataset's folder relative to the artifact path ("": itself)
 CHECKPOINT_KEY = "checkpoint"  # artifact metadata: the final checkpoint relative to the model artifact path
+FINAL_CHECKPOINT = "final.pt"  # what `spade train` writes last in its out_dir
 SPLITS = ("train", "val")
 # where MLflow and the object store are: passed on from the train task to the TrainJob's nodes
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -23,6 +27,11 @@ def dataset_root(path: str, metadata: dict | None) -> Path:
     """The dataset folder of a Dataset artifact (its path, or a sub-folder its metadata names)."""
     sub = (metadata or {}).get(DATASET_ROOT_KEY) or ""
     return Path(path) / sub if sub else Path(path)
+
+
+def checkpoint_path(path: str, metadata: dict | None) -> Path:
+    """The final checkpoint of a Model artifact written by the train component."""
+    return Path(path) / ((metadata or {}).get(CHECKPOINT_KEY) or FINAL_CHECKPOINT)
 
 
 def say(text: str) -> None:
@@ -44,11 +53,9 @@ def link_tree(src: str | Path, dst: str | Path) -> Path:
 
 
 def device(name: str) -> str:
-    import torch
+    from spade.devices import resolve_device
 
-    if name in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 # --------------------------------------------------------------------------- settings
@@ -65,11 +72,9 @@ def plain_numbers(value):  # noqa: ANN001, ANN201
     return value
 
 
-def raw_params(params: dict | None, overrides: list | None = None) -> dict:
-    """params.yaml as a dict (the pipeline's `params`), with 'section.key=value' overrides applied."""
-    from spade.config import apply_overrides
-
-    return apply_overrides(plain_numbers(dict(params or {})), [str(o) for o in (overrides or [])])
+def raw_params(params: dict | None) -> dict:
+    """params.yaml as a dict (the pipeline's `params`), its numbers as params.yaml had them."""
+    return plain_numbers(dict(params or {}))
 
 
 def section(params: dict | None, name: str) -> dict:
@@ -77,7 +82,14 @@ def section(params: dict | None, name: str) -> dict:
     return dict(value) if isinstance(value, dict) else {}
 
 
-def train_settings(params: dict, *, data_root: str | Path, out_dir: str | Path, layout: str = ""):  # noqa: ANN201
+def settings(params: dict | None) -> Settings:
+    """The typed Settings of the pipeline's `params`; a bad or unknown key is a SpadeError naming it."""
+    from spade.config import Settings
+
+    return Settings.from_dict(raw_params(params))
+
+
+def train_settings(params: dict, *, data_root: str | Path, out_dir: str | Path, layout: str = "") -> Settings:
     """Settings of params.yaml for a training run on `data_root` writing to `out_dir`."""
     from spade.config import LAYOUTS, Settings
 
@@ -93,22 +105,6 @@ def train_settings(params: dict, *, data_root: str | Path, out_dir: str | Path, 
     return Settings.from_dict(raw)
 
 
-def without_missing_vgg(settings):  # noqa: ANN001, ANN201
-    """Local runs on a machine without the VGG19 weights train without the VGG loss (as `spade demo` does)."""
-    from spade.errors import SpadeError
-    from spade.nn.vgg import VGG19_FILE
-    from spade.weights import find_weights
-
-    if not settings.train.vgg_loss:
-        return settings
-    try:
-        find_weights(settings.train.vgg_weights or None, VGG19_FILE, what="VGG19")
-    except SpadeError:
-        say(f"note: {VGG19_FILE} is not on this machine; training without the VGG loss")
-        return replace(settings, train=replace(settings.train, vgg_loss=False))
-    return settings
-
-
 def checkpoint_run_id(checkpoint: str | Path) -> str:
     from spade.checkpoints import Checkpoint
 
@@ -121,11 +117,12 @@ def checkpoint_run_id(checkpoint: str | Path) -> str:
 def train_local(params: dict, *, data_root: Path, layout: str, out_dir: Path) -> tuple[Path, str, int]:
     """Train in this process (kfp.local): (final model, MLflow run id, iterations)."""
     from spade.errors import SpadeError
+    from spade.local_runs import without_missing_vgg
     from spade.train.loop import train
 
-    settings = without_missing_vgg(train_settings(params, data_root=data_root, out_dir=out_dir, layout=layout))
-    say(f"training {settings.train.iterations} iterations on {data_root} -> {out_dir}")
-    result = train(settings, resume="", progress=False)
+    cfg = without_missing_vgg(train_settings(params, data_root=data_root, out_dir=out_dir, layout=layout), say)
+    say(f"training {cfg.train.iterations} iterations on {data_root} -> {out_dir}")
+    result = train(cfg, resume="", progress=False)
     if result.stopped_by_signal or result.final_model is None:
         raise SpadeError(f"training stopped at iteration {result.iteration} before the end")
     return Path(result.final_model), result.run_id or "", result.iteration
@@ -217,9 +214,9 @@ def train_cluster(
     work = Path(mount_path) / "trainjobs" / name
     say(f"staging {data_root} -> {work / 'data'}")
     link_tree(data_root, work / "data")
-    settings = train_settings(params, data_root=work / "data", out_dir=work / "out", layout=layout)
+    cfg = train_settings(params, data_root=work / "data", out_dir=work / "out", layout=layout)
     params_file = work / "params.yaml"
-    params_file.write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    params_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     manifest = trainjob.build_trainjob(
         name,
@@ -241,9 +238,9 @@ def train_cluster(
         labels={"spade.dev/run": name},
     )
     trainjob.run_trainjob(api or trainjob.custom_objects_api(), manifest, poll_s=poll_s, timeout_s=timeout_s, log=say)
-    final = work / "out" / "final.pt"
+    final = work / "out" / FINAL_CHECKPOINT
     if not final.is_file():
         raise SpadeError(f"TrainJob {name} completed but wrote no {final}")
     link_tree(work / "out", out_dir)
-    model = Path(out_dir) / "final.pt"
-    return model, checkpoint_run_id(model), settings.train.iterations
+    model = Path(out_dir) / FINAL_CHECKPOINT
+    return model, checkpoint_run_id(model), cfg.train.iterations

@@ -68,7 +68,7 @@ def train(
         raise SpadeError(f"mode must be local or cluster, got {mode!r}")
     model.metadata.update(
         {
-            "checkpoint": str(Path(final).relative_to(model.path)),
+            runtime.CHECKPOINT_KEY: str(Path(final).relative_to(model.path)),
             "mlflow_run_id": run_id,
             "iterations": iterations,
             "mode": mode,

@@ -34,11 +34,9 @@ def job_name(prefix: str, unique: str) -> str:
     return text[:63].rstrip("-")
 
 
-def train_command(params_file: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
-    command = ["torchrun", "-m", "spade", "train", "--params", params_file]
-    for item in overrides:
-        command += ["--set", item]
-    return command
+def train_command(params_file: str) -> list[str]:
+    """`spade train` under torchrun on every node; the params file holds every setting of the run."""
+    return ["torchrun", "-m", "spade", "train", "--params", params_file]
 
 
 def build_trainjob(
@@ -48,7 +46,6 @@ def build_trainjob(
     num_nodes: int,
     gpus_per_node: int,
     params_file: str,
-    overrides: list[str] | tuple[str, ...] = (),
     *,
     runtime: str = DEFAULT_RUNTIME,
     cpu: str = "",
@@ -62,7 +59,7 @@ def build_trainjob(
     service_account: str = "",
     labels: dict[str, str] | None = None,
 ) -> dict:
-    """The TrainJob manifest: `spade train --params PARAMS_FILE --set ...` under torchrun on every node.
+    """The TrainJob manifest: `spade train --params PARAMS_FILE` under torchrun on every node.
 
     `secret_env` maps a Secret's name to the keys it exposes as environment variables (e.g. MLflow and
     S3 credentials); `pvc_name` mounts a (ReadWriteMany) claim at `mount_path` on every node, where
@@ -85,7 +82,7 @@ def build_trainjob(
         env_list += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in keys]
     trainer: dict = {
         "image": image,
-        "command": train_command(params_file, overrides),
+        "command": train_command(params_file),
         "numNodes": num_nodes,
         "numProcPerNode": gpus_per_node or 1,
     }
@@ -179,9 +176,11 @@ def run_trainjob(
     timeout_s: float = 7 * 24 * 3600,
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
-    delete_on_timeout: bool = True,
 ) -> dict:
-    """Create the TrainJob, print its status whenever it changes, return the finished job; raise on failure."""
+    """Create the TrainJob, print its status whenever it changes, return the finished job; raise on failure.
+
+    A job that does not finish within `timeout_s` is deleted (its pods with it) before the error.
+    """
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
     trainer = manifest["spec"]["trainer"]
@@ -202,7 +201,6 @@ def run_trainjob(
             log(f"TrainJob {name} completed")
             return job
         if time.monotonic() > deadline:
-            if delete_on_timeout:
-                api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
             raise TrainJobFailed(f"TrainJob {namespace}/{name} did not finish within {timeout_s:.0f} s (deleted)")
         sleep(poll_s)

@@ -194,7 +194,6 @@ def _cluster(args: argparse.Namespace):  # noqa: ANN202
         node_selector=_parse_key_values(args.node_selector, "--node-selector", as_yaml=False),
         tolerations=[parse_toleration(t) for t in args.toleration],
         task_gpus=args.task_gpus,
-        image=args.image or "",
     )
 
 
@@ -212,11 +211,6 @@ def pipeline_arguments(args: argparse.Namespace, params: dict) -> dict:
     return out
 
 
-def _set_image(args: argparse.Namespace) -> None:
-    if getattr(args, "image", None):
-        os.environ["SPADE_IMAGE"] = args.image  # read by components when first imported
-
-
 def _client(args: argparse.Namespace):  # noqa: ANN202
     import warnings
 
@@ -231,18 +225,17 @@ def _client(args: argparse.Namespace):  # noqa: ANN202
 def _compiled(args: argparse.Namespace, params: dict, folder: str) -> Path:
     from pipelines.training import compile_pipeline
 
-    return compile_pipeline(Path(folder) / "spade-training.yaml", params, _cluster(args))
+    return compile_pipeline(Path(folder) / "spade-training.yaml", params, _cluster(args), image=args.image or "")
 
 
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    _set_image(args)
     from pipelines.training import compile_pipeline
 
     cluster = _cluster(args) if args.mode == "cluster" else None
-    out = compile_pipeline(args.out, _params(args), cluster)
+    out = compile_pipeline(args.out, _params(args), cluster, image=args.image or "")
     print(f"wrote {out}")
     return 0
 
@@ -259,7 +252,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    _set_image(args)
     params = _params(args)
     arguments = pipeline_arguments(args, params)
     with tempfile.TemporaryDirectory(prefix="spade-pipeline-") as tmp:
@@ -280,7 +272,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    _set_image(args)
     params = _params(args)
     arguments = pipeline_arguments(args, params)
     cron = cron_with_seconds(args.cron)

@@ -50,25 +50,18 @@ def run_demo(
     work: Path = Path("data/demo"),
     labeled: bool = False,
 ) -> dict:
-    from spade.data.synthetic import generate_builtin_dataset
     from spade.evaluate.segmenters.small import train_small_segmenter
+    from spade.local_runs import builtin_dataset
 
     start = time.perf_counter()
     params = load_params(params_path, overrides)
-    builtin = params.get("builtin") or {}
     data_root = Path((params.get("data") or {}).get("root") or "data/builtin")
     seg_cfg = params.get("segmenter") or {}
     pl_cfg = params.get("pseudolabel") or {}
     weights = Path(pl_cfg.get("weights") or seg_cfg.get("out") or "runs/segmenter/small_segmenter.pt")
 
     _say(f"[1/3] built-in landscapes -> {data_root}")
-    generate_builtin_dataset(
-        data_root,
-        count=int(builtin.get("count", 300)),
-        val_count=builtin.get("val_count"),
-        size=int(builtin.get("size", 64)),
-        seed=int(builtin.get("seed", 0)),
-    )
+    builtin_dataset(params.get("builtin"), data_root)
     if weights.is_file():
         _say(f"      small segmenter: {weights}")
     else:
@@ -120,6 +113,7 @@ def _artifact(output: dict, name: str) -> dict:
 
 def print_summary(pipeline_root: str | Path, params: dict) -> dict:
     """What the latest local run produced: model, metrics, MLflow run, registered version, archive paths."""
+    from components.runtime import checkpoint_path
     from spade.config import TrackingConfig
     from spade.train.tracking import resolve_tracking_uri
 
@@ -139,7 +133,7 @@ def print_summary(pipeline_root: str | Path, params: dict) -> dict:
     uri = resolve_tracking_uri(TrackingConfig(tracking_uri=str(tracking.get("tracking_uri") or "")))
     summary = {
         "run": str(run.resolve()),
-        "checkpoint": str(Path(model.get("uri", "")) / (model.get("metadata") or {}).get("checkpoint", "final.pt")),
+        "checkpoint": str(checkpoint_path(model.get("uri", ""), model.get("metadata"))),
         "metrics": (scored.get("parameterValues") or {}),
         "mlflow_run_id": run_id,
         "tracking_uri": uri,

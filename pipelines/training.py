@@ -4,7 +4,8 @@ Parameters mirror params.yaml: `params` is the whole file (its defaults are read
 pipeline is built), and the stage settings the pipeline acts on (pseudolabel:, evaluate:, package:) are
 parameters of their own, defaulting to the file's values. `make_pipeline(params, cluster=...)` builds the
 pipeline; with `ClusterOptions` the tasks get the Kubernetes settings (kfp-kubernetes): the workspace PVC
-the TrainJob shares, secrets as environment variables, GPU node selectors and tolerations.
+the TrainJob shares, secrets as environment variables, GPU node selectors and tolerations. Every task runs
+the project image `make_pipeline(..., image=...)` names (and a cluster-mode train task's TrainJob too).
 """
 
 import os
@@ -50,7 +51,6 @@ class ClusterOptions:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
     task_gpus: int = 1  # GPUs of the evaluate and pseudolabel tasks (0: CPU)
-    image: str = ""
 
 
 def _apply_cluster(task: dsl.PipelineTask, cluster: ClusterOptions, *, gpu: bool = False, pvc: bool = False) -> None:
@@ -73,20 +73,19 @@ def _apply_cluster(task: dsl.PipelineTask, cluster: ClusterOptions, *, gpu: bool
             )
 
 
-def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = None):  # noqa: ANN201
-    """The pipeline function, its defaults taken from `params` (params.yaml's content; default: the file)."""
+def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = None, *, image: str = ""):  # noqa: ANN201
+    """The pipeline function, its defaults taken from `params` (params.yaml's content; default: the file).
+
+    `image` is the project image of every task (default: components.IMAGE, $SPADE_IMAGE or the published one).
+    """
     params = load_params() if params is None else params
     pl = dict(params.get("pseudolabel") or {})
     ev = dict(params.get("evaluate") or {})
     pkg = dict(params.get("package") or {})
     reg = dict(params.get("register") or {})
     mode_default = "cluster" if cluster is not None else "local"
-    image = (cluster.image if cluster is not None else "") or IMAGE
-    tolerations = list(cluster.tolerations) if cluster is not None else []
-    node_selector = dict(cluster.node_selector) if cluster is not None else {}
-    pvc_name = cluster.pvc_name if cluster is not None else ""
-    mount_path = cluster.mount_path if cluster is not None else "/workspace"
-    secret_env = {k: list(v) for k, v in cluster.secrets.items()} if cluster is not None else {}
+    image = image or IMAGE
+    opts = cluster or ClusterOptions()
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -145,11 +144,11 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
             namespace=namespace,
             num_nodes=num_nodes,
             gpus_per_node=gpus_per_node,
-            node_selector=node_selector,
-            tolerations=tolerations,
-            workspace_pvc=pvc_name,
-            workspace_mount=mount_path,
-            secret_env=secret_env,
+            node_selector=dict(opts.node_selector),
+            tolerations=list(opts.tolerations),
+            workspace_pvc=opts.pvc_name,
+            workspace_mount=opts.mount_path,
+            secret_env={k: list(v) for k, v in opts.secrets.items()},
         )
         trained.set_display_name("train")
 
@@ -180,7 +179,7 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
         registered.set_display_name("package and register").set_caching_options(False)
 
         for task in (fetch, labelled, as_is, trained, scored, registered):
-            task.container_spec.image = image  # the image this pipeline was built for (ClusterOptions.image)
+            task.container_spec.image = image  # the image this pipeline was built for
         if cluster is not None:
             _apply_cluster(fetch, cluster)
             _apply_cluster(labelled, cluster, gpu=True)
@@ -192,13 +191,15 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
     return training_pipeline
 
 
-def compile_pipeline(out: str | Path, params: dict | None = None, cluster: ClusterOptions | None = None) -> Path:
-    """Write the pipeline's IR YAML to `out`."""
+def compile_pipeline(
+    out: str | Path, params: dict | None = None, cluster: ClusterOptions | None = None, *, image: str = ""
+) -> Path:
+    """Write the pipeline's IR YAML to `out` (see make_pipeline)."""
     from kfp import compiler
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(make_pipeline(params, cluster), str(out))
+    compiler.Compiler().compile(make_pipeline(params, cluster, image=image), str(out))
     return out
 
 

@@ -246,13 +246,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> str:
-    import torch
+    from spade.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpadeError(f"--device {name} asked for, but no CUDA device is available")
-    return name
+    return str(resolve_device(name))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

@@ -16,34 +16,19 @@ from spade.errors import SpadeError
 
 def run_demo(params: Path | None, overrides: list[str]) -> Path:
     from spade.data.layouts import find_pairs
-    from spade.data.synthetic import generate_builtin_dataset
-    from spade.nn.vgg import VGG19_FILE
+    from spade.local_runs import builtin_dataset, without_missing_vgg
     from spade.synthesize import Synthesizer, prepare_label, read_rgb, save_png
     from spade.train.loop import train
     from spade.train.tracking import resolve_tracking_uri
     from spade.visualize import dataset_colours, sample_grid
-    from spade.weights import find_weights
 
     raw = apply_overrides(load_params(params), overrides)
-    builtin = raw.get("builtin", {}) or {}
     settings = Settings.from_dict(raw)
     start = time.perf_counter()
 
     print(f"[1/3] built-in landscapes -> {settings.data.root}")
-    generate_builtin_dataset(
-        settings.data.root,
-        count=int(builtin.get("count", 300)),
-        val_count=builtin.get("val_count"),
-        size=int(builtin.get("size", 64)),
-        seed=int(builtin.get("seed", 0)),
-    )
-
-    if settings.train.vgg_loss:
-        try:
-            find_weights(settings.train.vgg_weights or None, VGG19_FILE, what="VGG19")
-        except SpadeError:
-            print(f"      note: {VGG19_FILE} is not on this machine; training without the VGG loss")
-            settings = replace(settings, train=replace(settings.train, vgg_loss=False))
+    builtin_dataset(raw.get("builtin"), settings.data.root)
+    settings = without_missing_vgg(settings, lambda text: print(f"      {text}"))
 
     print(f"[2/3] training {settings.train.iterations} iterations -> {settings.train.out_dir}")
     result = train(settings, resume="")

@@ -51,10 +51,10 @@ from tqdm import tqdm
 
 from spade.data.dataset import read_photo
 from spade.data.layouts import describe_problems
+from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
 from spade.evaluate.segmenters.base import Segmentation, Segmenter
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.jsonl"
 CLASSES_NAME = "classes.txt"
@@ -92,7 +92,7 @@ class PseudolabelReport:
 
 
 def find_photos(images: str | Path, *, recursive: bool = False, exclude: str | Path | None = None) -> list[Path]:
-    """The photos (jpg, jpeg, png, webp, bmp) of a folder, sorted by relative path; hidden entries skipped.
+    """The photos (IMAGE_SUFFIXES: png, jpg, bmp, tif, webp, ...) of a folder, sorted by path; hidden ones skipped.
 
     Two photos with the same stem (a.jpg and a.png, or sub/a.jpg beside a.jpg when
     recursive) raise a SpadeError naming them, since both would become the sample `a`.
@@ -109,7 +109,7 @@ def find_photos(images: str | Path, *, recursive: bool = False, exclude: str | P
         found.extend(
             here / f
             for f in files
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in PHOTO_SUFFIXES and (here / f).is_file()
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and (here / f).is_file()
         )
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     by_stem: dict[str, list[Path]] = {}
@@ -155,7 +155,7 @@ def pseudolabel(
     photos = find_photos(images, recursive=recursive, exclude=out)
     if not photos:
         hint = "" if recursive else "; subfolders are read with recursive=True (--recursive)"
-        raise SpadeError(f"{images}: no photos ({', '.join(PHOTO_SUFFIXES)}) found{hint}")
+        raise SpadeError(f"{images}: no photos ({', '.join(IMAGE_SUFFIXES)}) found{hint}")
 
     label_dir, img_dir = out / f"{split}_label", out / f"{split}_img"
     manifest_path = out / MANIFEST_NAME

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from http_helpers import FakeServer, reply
 from train_helpers import tiny_params
 
 
@@ -25,17 +25,6 @@ def tiny_segmenter(data: Path, out: Path) -> Path:
     return out
 
 
-def photos_folder(data: Path, out: Path) -> Path:
-    """The data set's photos without labels, as train/ and val/ (an unlabeled collection)."""
-    import shutil
-
-    for split in ("train", "val"):
-        (out / split).mkdir(parents=True, exist_ok=True)
-        for photo in sorted((data / f"{split}_img").iterdir()):
-            shutil.copy(photo, out / split / photo.name)
-    return out
-
-
 def pipeline_params(data: Path, work: Path) -> dict:
     params = tiny_params(
         data,
@@ -49,42 +38,26 @@ def pipeline_params(data: Path, work: Path) -> dict:
     return params
 
 
-class FakeKfpServer:
+class FakeKfpServer(FakeServer):
     """Kubeflow Pipelines' v2beta1 REST API, as far as kfp.Client uses it; records every request."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
+    @property
+    def host(self) -> str:
+        return self.base
 
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                url = urlparse(self.path)
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw
-                owner.requests.append(
-                    {"method": self.command, "path": url.path, "query": parse_qs(url.query), "body": body}
-                )
-                status, payload = owner.answer(self.command, url.path, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        url = urlparse(h.path)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        self.requests.append({"method": h.command, "path": url.path, "query": parse_qs(url.query), "body": body})
+        reply(h, *self.answer(h.command, url.path, body))
 
     def answer(self, method: str, path: str, body: object) -> tuple[int, dict]:
         base = "/apis/v2beta1"
@@ -102,7 +75,3 @@ class FakeKfpServer:
 
     def calls(self, method: str, path_end: str) -> list[dict]:
         return [r for r in self.requests if r["method"] == method and r["path"].endswith(path_end)]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

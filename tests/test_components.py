@@ -16,7 +16,7 @@ from components.fetch_dataset import fetch_dataset, use_labeled_dataset
 from components.package_and_register import package_and_register
 from components.pseudolabel import pseudolabel
 from components.train import train
-from pipeline_helpers import photos_folder, pipeline_params, tiny_data, tiny_segmenter
+from pipeline_helpers import pipeline_params, tiny_data, tiny_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +65,13 @@ def test_fetch_labeled_folder(work: dict, tmp_path: Path) -> None:
 
 
 def test_fetch_and_pseudolabel_photos(work: dict, tmp_path: Path) -> None:
-    photos = photos_folder(work["data"], tmp_path / "photos")
+    from pipelines.demo import pack
+
+    photos = pack(work["data"], tmp_path / "photos.tar.gz", photos_only=True)  # photos/{train,val}/*.jpg
     fetched = artifact(dsl.Dataset, tmp_path / "fetched")
     result = fetch_dataset.python_func(source=str(photos), dataset=fetched)
     assert result.needs_labels is True and result.layout == "photos"
+    assert fetched.metadata["root"] == "" and (tmp_path / "fetched" / "train").is_dir()
 
     labelled = artifact(dsl.Dataset, tmp_path / "labelled")
     count = pseudolabel.python_func(
@@ -115,6 +118,21 @@ def test_evaluate_and_register(work: dict, trained: tuple, tmp_path: Path) -> No
     assert (tmp_path / "archive" / "kserve" / "model-store" / "tiny.mar").is_file()
     assert Path(out.archive_uri).parent == work["root"] / "model-store"
     assert decision.metadata["decision"] == "promoted" and Path(decision.path).is_file()
+
+
+def test_register_settings_are_checked_by_name(tmp_path: Path) -> None:
+    from spade.errors import SpadeError
+
+    params = {"register": {"store": str(tmp_path / "store"), "min_miou": 0.3}}
+    with pytest.raises(SpadeError, match=r"unknown register settings: min_miou \(known: .*miou_tolerance"):
+        package_and_register.python_func(
+            model=artifact(dsl.Model, tmp_path / "model"),
+            evaluation=artifact(dsl.Artifact, tmp_path / "evaluation"),
+            archive=artifact(dsl.Model, tmp_path / "archive"),
+            decision=artifact(dsl.Artifact, tmp_path / "decision"),
+            params=params,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # found before anything was packaged
 
 
 class FakeCustomObjects:

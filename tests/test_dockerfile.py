@@ -2,9 +2,10 @@
 
 Checked: the CUDA base image by default and the CPU variant by build arguments, TorchServe's Java 17, a
 non-root user whose uid the Kubernetes manifests run as, `spade` as the entrypoint, and that its
-`pip install` installs this project: the extras it asks for exist, the build context left by .dockerignore
-holds what the build needs, and pip resolves the package from a copy of exactly that context (dry run,
-offline, no dependencies).
+`pip install`s install this project: the dependencies (with extras that exist) from the project's metadata
+copied alone, then the sources without dependencies; the build context left by .dockerignore holds what the
+build needs, and pip resolves the package from a copy of exactly what each step has (dry run, offline, no
+dependencies).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+
+from test_k8s import TREES, objects
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -59,6 +61,16 @@ def runs() -> str:
     return "\n".join(args for keyword, args in instructions() if keyword == "RUN")
 
 
+def commands() -> list[tuple[int, str]]:
+    """(instruction index, command) of every `&&`-joined command of the RUN instructions."""
+    return [
+        (i, cmd.strip())
+        for i, (keyword, args) in enumerate(instructions())
+        if keyword == "RUN"
+        for cmd in args.split("&&")
+    ]
+
+
 def comments() -> str:
     return "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("#"))
 
@@ -80,7 +92,6 @@ def test_cuda_base_image_by_default_and_a_cpu_variant_by_build_args():
 
 def test_torchserve_gets_java_17():
     assert re.search(r"apt-get install -y --no-install-recommends openjdk-17-jre-headless", runs())
-    assert "serve" in PYPROJECT["project"]["optional-dependencies"]
 
 
 def test_runs_as_a_non_root_user_the_manifests_agree_with():
@@ -91,16 +102,15 @@ def test_runs_as_a_non_root_user_the_manifests_agree_with():
     assert max(i for i, k in enumerate(keywords) if k == "RUN") < keywords.index("USER")
     uid = args_defaults()["APP_UID"]
     assert re.search(rf"useradd .*--uid \$\{{APP_UID\}} .*{users[-1]}$", runs(), re.M)
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the manifests"
-    for tree in ("base", "overlays/dev", "overlays/prod"):
-        out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / tree)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        for doc in yaml.safe_load_all(out.stdout):
-            if doc and doc["kind"] == "Deployment":
-                pod = doc["spec"]["template"]["spec"]
-                if any("spade" in c["image"] for c in pod["containers"]):
-                    assert str(pod["securityContext"]["runAsUser"]) == uid, doc["metadata"]["name"]
+    for tree in TREES:  # the manifests test_k8s renders (kubectl kustomize, once per tree)
+        ours = [
+            doc
+            for doc in objects(tree, "Deployment")
+            if any("spade" in c["image"] for c in doc["spec"]["template"]["spec"]["containers"])
+        ]
+        assert ours, f"{tree}: no Deployment runs the spade image"
+        for doc in ours:
+            assert str(doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"]) == uid, doc["metadata"]["name"]
 
 
 def test_spade_is_the_entrypoint():
@@ -109,24 +119,50 @@ def test_spade_is_the_entrypoint():
     assert PYPROJECT["project"]["scripts"]["spade"] == "spade.cli:main"
 
 
-def pip_install_specs() -> list[str]:
-    [line] = [cmd for cmd in runs().split("&&") if cmd.strip().startswith("pip install ") and "--index-url" not in cmd]
-    specs = [s for s in shlex.split(line)[2:] if not s.startswith("-")]
-    return [s.replace("${EXTRAS}", args_defaults()["EXTRAS"]) for s in specs]
+def pip_installs() -> list[tuple[int, list[str], list[str]]]:
+    """(instruction index, options, specs) of each `pip install` of this project (not the CPU torch wheels)."""
+    found = []
+    for index, cmd in commands():
+        if cmd.startswith("pip install ") and "--index-url" not in cmd:
+            args = [a.replace("${EXTRAS}", args_defaults()["EXTRAS"]) for a in shlex.split(cmd)[2:]]
+            found.append((index, [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]))
+    return found
+
+
+def copies() -> list[tuple[int, list[str]]]:
+    """(instruction index, sources) of each COPY into /app."""
+    found = []
+    for index, (keyword, args) in enumerate(instructions()):
+        if keyword == "COPY":
+            *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
+            assert dest.rstrip("/") == "/app", args
+            found.append((index, sources))
+    return found
 
 
 def test_pip_installs_this_project_with_the_serve_and_pipeline_extras():
-    project, *others = pip_install_specs()
-    m = re.fullmatch(r"\.\[([\w,-]+)\]", project)
-    assert m, project
+    (_, _, [deps, *others]), (_, _, [project]) = pip_installs()
+    m = re.fullmatch(r"\.\[([\w,-]+)\]", deps)
+    assert m, deps
     extras = m[1].split(",")
     assert {"serve", "pipeline", "tracking"} <= set(extras)
     optional = PYPROJECT["project"]["optional-dependencies"]
     assert set(extras) <= set(optional)
     for spec in others:
         Requirement(spec)  # well-formed
+    assert project == "."
     # mlflow server's postgresql:// store
     assert any(Requirement(s).name == "psycopg2-binary" for s in optional["tracking"])
+
+
+def test_a_source_edit_does_not_reinstall_the_dependencies():
+    """Dependencies come from the metadata, copied alone; the sources come later and install with --no-deps."""
+    (metadata_copy, metadata), (sources_copy, sources) = copies()
+    (deps_run, deps_options, _), (project_run, project_options, _) = pip_installs()
+    assert sorted(metadata) == ["README.md", "pyproject.toml"] and sources == ["."]
+    assert metadata_copy < deps_run < sources_copy < project_run
+    assert "--no-deps" not in deps_options and "--no-deps" in project_options
+    assert PYPROJECT["project"]["readme"] in metadata  # the build reads it
 
 
 def dockerignore_patterns() -> list[re.Pattern]:
@@ -177,23 +213,36 @@ def test_dockerignore_keeps_the_sources_and_drops_local_state():
     context = build_context()
     for needed in ("pyproject.toml", "README.md", "params.yaml", "spade/cli.py"):
         assert needed in context, needed  # README.md: pyproject's readme, read by the build
-    copies = [args for keyword, args in instructions() if keyword == "COPY"]
-    assert copies == ["--chown=spade:spade . /app"]
+    assert [args for keyword, args in instructions() if keyword == "COPY"] == [
+        "--chown=spade:spade pyproject.toml README.md /app/",
+        "--chown=spade:spade . /app",
+    ]
+    for _, sources in copies():
+        assert all(s == "." or s in context for s in sources), sources
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="posix paths")
-def test_pip_resolves_the_package_from_the_build_context(tmp_path):
-    context = tmp_path / "context"
-    for rel in build_context():
-        (context / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, context / rel)
-    project, *_ = pip_install_specs()
-    report = tmp_path / "report.json"
+def dry_run(context: Path, spec: str, report: Path) -> dict:
+    """What `pip install SPEC` in `context` would install (offline, no dependencies, no build isolation)."""
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--no-build-isolation"]
-    cmd += ["--quiet", "--report", str(report), project]
+    cmd += ["--quiet", "--report", str(report), spec]
     out = subprocess.run(cmd, cwd=context, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     [install] = json.loads(report.read_text())["install"]
     assert install["metadata"]["name"] == PYPROJECT["project"]["name"]
+    return install
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="posix paths")
+def test_pip_resolves_the_package_from_the_build_context(tmp_path):
+    """Each install step from a copy of what the image holds then: the metadata alone, then the whole context."""
+    (_, metadata), _ = copies()
+    (_, _, [deps, *_]), (_, _, [project]) = pip_installs()
+    for name, files in (("metadata", metadata), ("context", build_context())):
+        for rel in files:
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, tmp_path / name / rel)
+    install = dry_run(tmp_path / "metadata", deps, tmp_path / "deps.json")
     assert set(install["requested_extras"]) <= set(install["metadata"]["provides_extra"])
     assert {"serve", "pipeline"} <= set(install["requested_extras"])
+    sources = dry_run(tmp_path / "context", project, tmp_path / "project.json")
+    assert sources["metadata"]["version"] == install["metadata"]["version"]  # the same package, now with code

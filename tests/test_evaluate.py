@@ -18,6 +18,7 @@ from spade.evaluate.segmentation_metrics import ConfusionMatrix
 from spade.evaluate.segmenters import load_segmenter
 from spade.evaluate.segmenters.small import train_small_segmenter
 from spade.labels import read_id_map
+from spade.precision import resolve_precision
 from spade.train.loop import train
 from train_helpers import SPADE, child_env, tiny_params
 
@@ -84,12 +85,16 @@ def test_evaluate_writes_metrics_grid_and_logs_to_the_training_run(world, tmp_pa
     again = evaluate(world["model"], data, **kwargs)
     assert again.metrics["fid"] == pytest.approx(m["fid"], rel=1e-6)
     assert again.metrics["mIoU"] == m["mIoU"]
+    # "auto" depends on the machine: the numbers say which precision produced them
+    assert m["precision"] == resolve_precision("auto", "cpu")
     # the checkpoint's training run was not on this store: a linked evaluation run holds the metrics
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}").get_run(result.mlflow_run_id)
     assert run.data.metrics["eval_mIoU"] == pytest.approx(m["mIoU"])
     assert "eval_fid" in run.data.metrics
+    assert run.data.tags["eval_precision"] == m["precision"]
+    assert run.data.tags["spade.stage"] == "evaluation"
 
 
 def test_the_real_images_score_better_than_an_untrained_model(world, tmp_path):
@@ -102,10 +107,11 @@ def test_the_real_images_score_better_than_an_untrained_model(world, tmp_path):
     untrained_path = untrained.save(tmp_path / "untrained.pt")
     data = DataConfig(root=str(world["data"]), split="val")
     kwargs = dict(segmenter="small", segmenter_weights=world["segmenter"], fid=False, progress=False,
-                  tracking=TrackingConfig(enabled=False))  # fmt: skip
+                  precision="float32", tracking=TrackingConfig(enabled=False))  # fmt: skip
     trained = evaluate(world["model"], data, out_dir=tmp_path / "a", **kwargs).metrics
     baseline = evaluate(untrained_path, data, out_dir=tmp_path / "b", **kwargs).metrics
     assert trained["mIoU"] > baseline["mIoU"], (trained["mIoU"], baseline["mIoU"])
+    assert trained["precision"] == baseline["precision"] == "float32"
 
 
 def test_evaluate_names_missing_inception_weights(world, tmp_path, monkeypatch):

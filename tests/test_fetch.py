@@ -3,22 +3,21 @@ checksums, and archives that try to write outside the dataset folder."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import http.server
 import io
 import json
 import os
 import tarfile
-import threading
 import zipfile
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from http_helpers import FakeServer, reply
 from spade.data import fetch as fetch_mod
 from spade.data import flickr as flickr_mod
-from spade.data.fetch import FetchResult, add_arguments, detect_layout, fetch_dataset, main
+from spade.data.fetch import FetchResult, detect_layout, fetch_dataset
 from spade.data.fingerprint import files_fingerprint
 from spade.data.synthetic import generate_builtin_dataset
 from spade.errors import SpadeError
@@ -137,6 +136,10 @@ def test_local_sha256_mismatch_extracts_nothing(tmp_path, builtin):
     no_leftovers(tmp_path, "d")
     with pytest.raises(SpadeError, match="64 hex digits"):
         fetch_dataset(str(archive), tmp_path / "d", sha256="abc", progress=False)
+    with pytest.raises(SpadeError, match="--sha256 checks an archive file, and this is a folder"):
+        fetch_dataset(str(builtin), tmp_path / "d", sha256="0" * 64, progress=False)
+    assert not (tmp_path / "d").exists()
+    no_leftovers(tmp_path, "d")
 
 
 def test_missing_source_and_non_archive(tmp_path):
@@ -200,56 +203,38 @@ def test_unknown_layout_names_what_is_there(tmp_path):
 # --------------------------------------------------------------------------- http(s)
 
 
-class FileServer:
-    """Serves one blob at /data/<name> on 127.0.0.1; can ignore Range and drop connections after N bytes."""
+class FileServer(FakeServer):
+    """Serves one blob at /data/<name>; can ignore Range and drop connections after N bytes."""
 
     def __init__(self, body: bytes, *, ranges: bool = True, drops: int = 0, drop_after: int = 0) -> None:
         self.body, self.ranges, self.drops, self.drop_after = body, ranges, drops, drop_after
         self.requests: list[dict] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # noqa: ANN002
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
-                if not self.path.startswith("/data/"):
-                    self.send_error(404)
-                    return
-                body, start = server.body, 0
-                rng = self.headers.get("Range")
-                if rng and server.ranges:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.send_header("ETag", '"v1"')
-                self.end_headers()
-                chunk = body[start:]
-                if server.drops > 0:
-                    server.drops -= 1
-                    self.wfile.write(chunk[: server.drop_after])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(chunk)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/data/{name}"
+        return f"{self.base}/data/{name}"
 
-    def __enter__(self) -> FileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        self.requests.append({"path": h.path, "range": h.headers.get("Range")})
+        if not h.path.startswith("/data/"):
+            reply(h, 404)
+            return
+        status, start, rng = 200, 0, h.headers.get("Range")
+        headers = [("ETag", '"v1"')]
+        if rng and self.ranges:
+            status, start = 206, int(rng.split("=")[1].split("-")[0])
+            headers.append(("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}"))
+        chunk = self.body[start:]
+        if self.drops <= 0:
+            reply(h, status, chunk, headers)
+            return
+        self.drops -= 1  # promise the whole chunk, send a part of it, hang up
+        h.send_response(status)
+        for name, value in [*headers, ("Content-Length", str(len(chunk)))]:
+            h.send_header(name, value)
+        h.end_headers()
+        h.wfile.write(chunk[: self.drop_after])
+        h.wfile.flush()
+        h.close_connection = True
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +269,23 @@ def test_http_part_file_survives_a_failed_run_and_the_next_run_resumes(tmp_path,
         result = fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", progress=False)
     assert result.layout == "custom"
     assert server.requests[-1]["range"] == "bytes=2000-"
+    no_leftovers(tmp_path, "d")
+
+
+def test_a_torn_part_meta_restarts_the_download_cleanly(tmp_path, archive_tgz, monkeypatch):
+    monkeypatch.setattr(fetch_mod, "DOWNLOAD_ATTEMPTS", 1)
+    body = archive_tgz.read_bytes()
+    with FileServer(body, drops=1, drop_after=1000) as server:
+        with pytest.raises(SpadeError, match="run again to resume"):
+            fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", progress=False)
+        part = tmp_path / ".d.fetch" / "landscapes.tar.gz.part"
+        meta = part.with_name(part.name + ".meta")
+        assert json.loads(meta.read_text()) == {"etag": '"v1"', "last_modified": None}  # written whole
+        assert sorted(p.name for p in part.parent.iterdir()) == [part.name, meta.name]
+        meta.write_text('{"etag": "\\"v')  # torn: whose download the part is cannot be told
+        result = fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", sha256=sha(archive_tgz), progress=False)
+    assert result.layout == "custom"
+    assert server.requests[-1]["range"] is None  # started again, not resumed
     no_leftovers(tmp_path, "d")
 
 
@@ -428,14 +430,20 @@ def test_links_inside_the_dataset_are_kept(tmp_path):
 
 
 def test_cli_main(tmp_path, builtin, capsys):
-    parser = argparse.ArgumentParser(epilog=fetch_mod.EXAMPLES)
-    add_arguments(parser)
-    assert main(parser.parse_args([str(builtin), "--out", str(tmp_path / "d"), "--no-progress"])) == 0
+    """`spade fetch` as the command line runs it: its help carries the examples, errors name the options."""
+    from spade.cli import main
+
+    assert main(["fetch", str(builtin), "--out", str(tmp_path / "d"), "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["layout"] == "custom" and printed["path"] == str(tmp_path / "d")
-    with pytest.raises(SpadeError, match="--count only apply to flickr"):
-        main(parser.parse_args([str(builtin), "--out", str(tmp_path / "e"), "--count", "3"]))
-    assert "flickr:?text=mountain+lake" in parser.format_help()
+    assert main(["fetch", str(builtin), "--out", str(tmp_path / "e"), "--count", "3"]) == 1
+    assert "error: --count only apply to flickr: sources" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(SystemExit) as done:
+        main(["fetch", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--flickr-license" in help_text and 'spade fetch "flickr:?text=mountain+lake' in help_text
 
 
 def test_fetch_modules_import_nothing_heavy_at_module_level():

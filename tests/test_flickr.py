@@ -4,13 +4,14 @@ de-duplication, resume after an interruption, API errors, throttling and the att
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
-import threading
 import urllib.parse
+from http.server import BaseHTTPRequestHandler
+from pathlib import PurePosixPath
 
 import pytest
 
+from http_helpers import FakeServer, reply
 from spade.data import flickr
 from spade.data.fetch import fetch_dataset
 from spade.data.flickr import FlickrQuery, RateLimiter, fetch_flickr, read_manifest
@@ -19,53 +20,48 @@ from spade.errors import SpadeError
 KEY = "test-key"
 
 
-class FakeFlickr:
+class FakeFlickr(FakeServer):
     """flickr.photos.search at /services/rest/ and the photos at /img/<id>.jpg.
 
     `photos` are the search results in order; `content` maps ids to image bytes (default: unique bytes);
-    `throttle` answers that many next requests with 429 + Retry-After; `repeat` ids show up again on page 2.
+    `suffixes` maps ids to another file suffix of their URL (e.g. ".gif"); `throttle` answers that many
+    next requests with 429 + Retry-After; `repeat` ids show up again on page 2.
     """
 
-    def __init__(self, n: int = 12, *, content: dict[str, bytes] | None = None, repeat: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        n: int = 12,
+        *,
+        content: dict[str, bytes] | None = None,
+        repeat: tuple[str, ...] = (),
+        suffixes: dict[str, str] | None = None,
+    ) -> None:
         self.photos = [self.photo(str(1000 + i)) for i in range(n)]
         self.content = content or {}
         self.repeat = repeat
+        self.suffixes = suffixes or {}
         self.throttle, self.retry_after, self.fail_status = 0, "7", 429
         self.api_calls: list[dict] = []
         self.downloads: list[str] = []
-        server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # noqa: ANN002
-                pass
+    @property
+    def endpoint(self) -> str:
+        return f"{self.base}/services/rest/"
 
-            def do_GET(self) -> None:  # noqa: N802
-                if server.throttle > 0:
-                    server.throttle -= 1
-                    self.send_response(server.fail_status)
-                    self.send_header("Retry-After", server.retry_after)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                url = urllib.parse.urlsplit(self.path)
-                if url.path == "/services/rest/":
-                    body = json.dumps(server.search(dict(urllib.parse.parse_qsl(url.query)))).encode()
-                elif url.path.startswith("/img/"):
-                    pid = url.path[len("/img/") : -len(".jpg")]
-                    server.downloads.append(pid)
-                    body = server.content.get(pid, f"JPEG bytes of photo {pid}".encode())
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.endpoint = f"{self.base}/services/rest/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        if self.throttle > 0:
+            self.throttle -= 1
+            reply(h, self.fail_status, headers=[("Retry-After", self.retry_after)])
+            return
+        url = urllib.parse.urlsplit(h.path)
+        if url.path == "/services/rest/":
+            reply(h, 200, self.search(dict(urllib.parse.parse_qsl(url.query))))
+        elif url.path.startswith("/img/"):
+            pid = PurePosixPath(url.path).stem
+            self.downloads.append(pid)
+            reply(h, 200, self.content.get(pid, f"JPEG bytes of photo {pid}".encode()))
+        else:
+            reply(h, 404)
 
     def photo(self, pid: str) -> dict:
         return {
@@ -91,20 +87,14 @@ class FakeFlickr:
         chosen = self.photos[(page - 1) * per_page : page * per_page]
         if page == 2:
             chosen = [p for p in self.photos if p["id"] in self.repeat] + chosen
-        photos = [{**p, f"url_{size}": f"{self.base}/img/{p['id']}.jpg"} for p in chosen]
+        photos = [
+            {**p, f"url_{size}": f"{self.base}/img/{p['id']}{self.suffixes.get(p['id'], '.jpg')}"} for p in chosen
+        ]
         pages = -(-len(self.photos) // per_page)
         return {
             "photos": {"page": page, "pages": pages, "perpage": per_page, "total": len(self.photos), "photo": photos},
             "stat": "ok",
         }
-
-    def __enter__(self) -> FakeFlickr:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(autouse=True)
@@ -275,3 +265,40 @@ def test_cli_flickr_options(tmp_path, monkeypatch, capsys):
     assert call["extras"] == "license,owner_name,url_c,o_dims" and len(server.downloads) == 3
     with pytest.raises(SpadeError, match="--sha256 does not apply"):
         main(parser.parse_args(["flickr:?tags=a", "--out", str(tmp_path), "--sha256", "0" * 64]))
+
+
+def test_formats_nothing_reads_are_not_downloaded_but_counted(tmp_path):
+    with FakeFlickr(5, suffixes={"1001": ".gif", "1003": ".png"}) as server:
+        report = run(server, tmp_path, FlickrQuery(text="lake", count=100))
+    assert report.downloaded == 4 and report.unsupported == 1 and "1 in an unread format" in report.summary()
+    assert "1001" not in server.downloads
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["1000.jpg", "1002.jpg", "1003.png", "1004.jpg"]
+
+
+def test_fetch_dataset_checks_the_flickr_options(tmp_path):
+    with pytest.raises(SpadeError, match="flickr:.*--sha256 does not apply to flickr: sources"):
+        fetch_dataset("flickr:?text=lake", tmp_path / "a", sha256="0" * 64, progress=False)
+    with pytest.raises(SpadeError, match="gives the photos layout, not coco"):
+        fetch_dataset("flickr:?text=lake", tmp_path / "a", layout="coco", progress=False)
+    with pytest.raises(SpadeError, match="--flickr-text, --rate only apply to flickr: sources"):
+        fetch_dataset(str(tmp_path), tmp_path / "a", flickr_text="lake", rate=2.0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_foreign_folder_is_refused_and_an_interrupted_fetch_resumed(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    (mine / "manifest.jsonl").write_text('{"stem": "a"}\n')  # e.g. a pseudo-labelled set's: not Flickr's
+    with pytest.raises(SpadeError, match=r"mine is not empty and was not written by spade fetch \(no \.spade-fetch, "):
+        fetch_dataset("flickr:?text=lake", mine, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.jsonl", "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "precious"
+
+    monkeypatch.setenv("FLICKR_API_KEY", KEY)
+    monkeypatch.setenv("FLICKR_RATE", "0")
+    with FakeFlickr(5) as server:
+        monkeypatch.setenv("FLICKR_ENDPOINT", server.endpoint)
+        run(server, tmp_path / "photos", FlickrQuery(text="lake", count=2))  # an earlier run, no marker yet
+        result = fetch_dataset("flickr:?text=lake&count=3", tmp_path / "photos", progress=False)
+    assert result.files == 5 and server.downloads == ["1000", "1001", "1002"]  # 3 photos, manifest, flickr.json

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
-import yaml
-
 from spade.serve.package import ServingOptions, kserve_config_properties
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_k8s import objects
 
 
 def rendered() -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the manifests (kubectl kustomize)"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "base")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc and doc["kind"] == "InferenceService"]
+    """The InferenceServices of k8s/base, as test_k8s renders it (kubectl kustomize, once)."""
+    return objects("base", "InferenceService")
 
 
 def test_inference_service_runs_our_image_with_torchserve_as_a_custom_container():

@@ -4,20 +4,20 @@ manifest, and a run end to end under kfp.local on a tiny built-in dataset."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from components.trainjob import build_trainjob
-from pipeline_helpers import FakeKfpServer, photos_folder, pipeline_params, tiny_data, tiny_segmenter
+from pipeline_helpers import FakeKfpServer, pipeline_params, tiny_data, tiny_segmenter
 from pipelines import cli
+from pipelines.training import COMPONENT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("fetch-dataset", "pseudolabel", "train", "evaluate", "package-and-register")
 
 
 def run_cli(*argv: str) -> int:
@@ -36,7 +36,7 @@ def test_compile_writes_the_ir(tmp_path: Path) -> None:
     assert run_cli("compile", "--out", str(out), "--set", "train.iterations=1234") == 0
     ir = yaml.safe_load(out.read_text())
     components = ir["components"]
-    for stage in STAGES:
+    for stage in COMPONENT_NAMES:
         assert f"comp-{stage}" in components, stage
         assert "pip install" not in " ".join(ir["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["command"])
     # the pseudo-labelling branch runs only for unlabeled photos; both branches merge into the train input
@@ -76,7 +76,11 @@ def test_compile_cluster_settings(tmp_path: Path) -> None:
     )  # fmt: skip
     docs = list(yaml.safe_load_all(out.read_text()))
     ir, platform = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert ir["deploymentSpec"]["executors"]["exec-train"]["container"]["image"] == "registry.example/spade:2"
+    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/spade:2"} and "SPADE_IMAGE" not in os.environ
+    assert ir["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["image"]["runtimeValue"]["constant"] == (
+        "registry.example/spade:2"  # the TrainJob's image
+    )
     assert platform["exec-train"]["pvcMount"][0]["mountPath"] == "/workspace"
     assert [e["envVar"] for e in platform["exec-package-and-register"]["secretAsEnv"][0]["keyToEnv"]] == [
         "AWS_ACCESS_KEY_ID",
@@ -89,11 +93,18 @@ def test_compile_cluster_settings(tmp_path: Path) -> None:
     assert train_task["workspace_pvc"]["runtimeValue"]["constant"] == "spade-workspace"
 
 
+def test_compile_local_mode_takes_the_image_too(tmp_path: Path) -> None:
+    out = tmp_path / "ir.yaml"
+    run_cli("compile", "--out", str(out), "--mode", "local", "--image", "registry.example/spade:3")
+    ir = yaml.safe_load(out.read_text())
+    assert {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()} == {"registry.example/spade:3"}
+    assert ir["root"]["inputDefinitions"]["parameters"]["mode"]["defaultValue"] == "local"
+
+
 @pytest.fixture
 def kfp_server():  # noqa: ANN201
-    server = FakeKfpServer()
-    yield server
-    server.close()
+    with FakeKfpServer() as server:
+        yield server
 
 
 def test_submit_creates_a_run(kfp_server: FakeKfpServer, capsys) -> None:  # noqa: ANN001
@@ -145,7 +156,7 @@ def test_cron_expressions() -> None:
 def test_trainjob_manifest_for_two_nodes_of_four_gpus() -> None:
     job = build_trainjob(
         "spade-train-1", "ml", "registry.example/spade:1.2", 2, 4, "/workspace/run/params.yaml",
-        ["train.iterations=1000"], node_selector={"nvidia.com/gpu.present": "true"},
+        node_selector={"nvidia.com/gpu.present": "true"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         pvc_name="spade-workspace", secret_env={"mlflow-s3": ["AWS_ACCESS_KEY_ID"]}, memory="32Gi",
     )  # fmt: skip
@@ -161,9 +172,7 @@ def test_trainjob_manifest_for_two_nodes_of_four_gpus() -> None:
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 4, "memory": "32Gi"}
     assert trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == 4
-    assert trainer["command"] == [
-        "torchrun", "-m", "spade", "train", "--params", "/workspace/run/params.yaml", "--set", "train.iterations=1000",
-    ]  # fmt: skip
+    assert trainer["command"] == ["torchrun", "-m", "spade", "train", "--params", "/workspace/run/params.yaml"]
     assert trainer["env"] == [
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "mlflow-s3", "key": "AWS_ACCESS_KEY_ID"}}}
     ]
@@ -192,14 +201,12 @@ def test_trainjob_manifest_for_two_nodes_of_four_gpus() -> None:
 
 def test_runs_end_to_end_under_kfp_local(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
     """An unlabeled photo archive: fetch -> pseudo-label -> train -> evaluate -> package and register."""
+    from pipelines.demo import pack
     from pipelines.training import run_local
 
     data = tiny_data(tmp_path / "data")
     segmenter = tiny_segmenter(data, tmp_path / "segmenter.pt")
-    photos = photos_folder(data, tmp_path / "photos")
-    archive = tmp_path / "photos.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(photos, arcname="photos")
+    archive = pack(data, tmp_path / "photos.tar.gz", photos_only=True)  # as `spade pipeline demo` does
     params = pipeline_params(data, tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -270,6 +270,25 @@ def test_recursive_walk_skips_the_output_folder(photos: Path) -> None:
     assert run(photos, out, recursive=True).skipped_existing == N_PHOTOS
 
 
+def test_every_image_suffix_the_training_stage_reads_is_a_photo(photos: Path, tmp_path: Path) -> None:
+    """TIFF photos are labelled (the training stage reads them: spade.data.suffixes); a GIF is not a photo."""
+    with Image.open(photos / "000002.jpg") as img:
+        img.save(photos / "000002.tif")
+        img.save(photos / "000003.gif")
+    (photos / "000002.jpg").unlink()
+    (photos / "000003.jpg").unlink()
+    assert [p.name for p in find_photos(photos)][1:3] == ["000001.jpg", "000002.tif"]
+    out = tmp_path / "out"
+    assert run(photos, out).written == N_PHOTOS - 1
+    assert (out / "train_img" / "000002.tif").is_symlink() and (out / "train_label" / "000002.png").is_file()
+    model = ModelConfig.from_preset(
+        "custom", label_nc=8, contain_dontcare_label=False, use_instance=False, crop_size=SIZE
+    )
+    data = DataConfig(layout="custom", root=str(out), load_size=SIZE)
+    dataset = build_dataset(data, model, train=True, progress=False)
+    assert len(dataset) == N_PHOTOS - 1 and dataset[2]["image"].shape == (3, SIZE, SIZE)
+
+
 def test_a_replaced_photo_is_labelled_again(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run(photos, out, link_images=False)

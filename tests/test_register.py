@@ -30,14 +30,10 @@ HANDLER = "from spade.serve.handler import SpadeHandler\n\n\nclass Handler(Spade
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    """A moto S3 server and a real `mlflow server`."""
+    """A moto S3 server (its environment and a client) and a real `mlflow server`."""
     root = tmp_path_factory.mktemp("register-services")
-    with moto_s3(root, BUCKET) as (s3_env, _):
-        server = MlflowServer(root).start()
-        try:
-            yield {"mlflow": server.uri, "s3": s3_env}
-        finally:
-            server.stop()
+    with moto_s3(root, BUCKET) as (s3_env, s3), MlflowServer(root) as server:
+        yield {"mlflow": server.uri, "s3": s3_env, "s3_client": s3}
 
 
 @pytest.fixture
@@ -52,18 +48,6 @@ def client(mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=mlflow_uri)
-
-
-def s3_client(env: dict):  # noqa: ANN201
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
 
 
 # --- archives -----------------------------------------------------------------------------------
@@ -273,7 +257,7 @@ def test_missing_metrics_are_not_compared_and_force_overrides(tmp_path, client, 
 def test_s3_store_registers_the_object_uri_and_a_registration_run(tmp_path, client, services, monkeypatch):
     for key, value in services["s3"].items():
         monkeypatch.setenv(key, value)
-    s3 = s3_client(services["s3"])
+    s3 = services["s3_client"]
     mar = make_mar(tmp_path, "spade-s3", "2.1", git_commit="feedbee", dataset_fingerprint="fp-s3")
     s3.upload_file(str(mar), BUCKET, "incoming/spade-s3.mar")  # the archive itself may come from S3 too
 

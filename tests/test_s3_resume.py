@@ -27,21 +27,9 @@ def builtin_32(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with one empty bucket: yields the environment that points boto3 at it."""
-    with moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as (env, _):
-        yield env
-
-
-def s3_client(env: dict):  # noqa: ANN201
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    """A moto S3 server on 127.0.0.1 with one empty bucket: yields (the environment pointing boto3 at it, a client)."""
+    with moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as env_and_client:
+        yield env_and_client
 
 
 def keys(client, prefix: str) -> list[str]:  # noqa: ANN001
@@ -75,8 +63,8 @@ def training(params_file: Path, log: Path, env: dict, *args: str):
 
 def test_resume_from_s3_is_exact_and_old_checkpoints_are_pruned(tmp_path, builtin_32, s3):
     total, keep = 12, 2
-    env = child_env(**s3)
-    client = s3_client(s3)
+    s3_env, client = s3
+    env = child_env(**s3_env)
     train = {"iterations": total, "checkpoint_every": 2, "keep_checkpoints": keep}
 
     # the reference, straight through (--resume of an empty prefix starts from scratch), runs alongside

@@ -431,7 +431,7 @@ def test_endpoint_problems_at_start_are_clear(torchserve):
         EndpointBackend("127.0.0.1:8080/predictions/spade")
 
 
-def test_command_line_errors_and_ctrl_c(tmp_path, service):
+def test_command_line_errors(tmp_path):
     parser = argparse.ArgumentParser(epilog=studio.EXAMPLES)
     studio.add_arguments(parser)
     with pytest.raises(StudioError, match=r"nope\.pt: no such checkpoint file"):
@@ -439,7 +439,13 @@ def test_command_line_errors_and_ctrl_c(tmp_path, service):
     with pytest.raises(StudioError, match="--token is for --endpoint"):
         studio.main(parser.parse_args(["--checkpoint", str(tmp_path / "nope.pt"), "--token", "x"]))
     assert "spade studio --endpoint" in studio.EXAMPLES and "spade studio --checkpoint" in studio.EXAMPLES
+    assert parser.parse_args(["--checkpoint", "x.pt"]).precision == "auto"
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parser.parse_args(["--checkpoint", "x.pt", "--precision", "float16"])
 
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_command_cleanly(tmp_path, service, sig):
     ckpt = service.checkpoint.save(tmp_path / "tiny.pt")
     code = (
         "import argparse, sys; from spade.serve import studio; p = argparse.ArgumentParser(); "
@@ -457,13 +463,38 @@ def test_command_line_errors_and_ctrl_c(tmp_path, service):
         url = lines[-1].split("serving at ")[1].split()[0]
         assert "8 classes, 64x64, multi-modal" in "".join(lines)
         assert http(url + "healthz")[0] == 200
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=15)
+        # SIGTERM's default action would end the process with -15 and no "stopping"
         assert proc.returncode == 0 and "stopping" in out and "Traceback" not in out, out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_signals_stop_the_server_from_a_helper_thread(service):
+    """No KeyboardInterrupt in the main thread: the first signal shuts the server down (even one that comes
+    before serve_forever starts), a repeat is ignored, and the previous handlers are put back."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = make_server(InProcessBackend(service), "127.0.0.1", 0)
+    watchdog = threading.Timer(20, server.shutdown)  # a broken handler must fail the test, not hang it
+    watchdog.start()
+    try:
+        with studio._stop_on_signals(server) as stopping:
+            try:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                pytest.fail("SIGINT raised KeyboardInterrupt in the main thread")
+            assert stopping.is_set()
+            start = time.monotonic()
+            server.serve_forever()
+        assert time.monotonic() - start < 10, "serve_forever ran on after the signal"
+    finally:
+        watchdog.cancel()
+        server.server_close()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # ---------------------------------------------------------------------------- the page, in headless Chromium

@@ -76,7 +76,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):  # no
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store, stopped by the test."""
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store; `with MlflowServer(root) as server:` stops it."""
 
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root = root
@@ -88,18 +88,29 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MlflowServer:
+        """Starts the server and waits until it answers; stops it again if it does not (or on interrupt)."""
         mlflow = Path(sys.executable).parent / "mlflow"
-        self.log = open(self.root / f"mlflow-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            # MLflow 3's background job runner (huey workers) only slows a test server down
-            env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        )  # fmt: skip
-        wait_for(self._healthy, 90, "mlflow server to answer")
+        self.log = open(self.root / f"mlflow-{self.port}.log", "ab")  # noqa: SIM115 - closed in stop()
+        try:
+            self.proc = subprocess.Popen(
+                [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                 "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+                stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                # MLflow 3's background job runner (huey workers) only slows a test server down
+                env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            )  # fmt: skip
+            wait_for(self._healthy, 90, "mlflow server to answer")
+        except BaseException:  # never leave a server behind when starting fails or is interrupted
+            self.stop()
+            raise
         return self
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def _healthy(self) -> bool:
         import urllib.request

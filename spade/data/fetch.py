@@ -9,7 +9,8 @@ A source is one of
   AWS_ENDPOINT_URL, like spade.storage),
 - `flickr:?text=...&tags=...&count=N&size=z`: a photo collection from Flickr (spade.data.flickr; the
   API key from FLICKR_API_KEY, and FLICKR_ENDPOINT / FLICKR_RATE override the endpoint and requests per
-  second). It is resumed rather than replaced: `force` does not apply.
+  second). It is resumed rather than replaced: `force` does not apply, nor does `sha256`. OUT must be new,
+  empty, or an earlier fetch (flickr: or not): a folder of other files is refused.
 
 Archives (zip, tar, tar.gz / tgz, tar.bz2, tar.xz; told apart by content) are extracted safely: an entry
 that would land outside the target (`..`, absolute paths, links pointing out of it) or a device file is
@@ -24,7 +25,6 @@ coco, ade20k, cityscapes, custom (classes.txt) and photos (unlabelled images for
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -38,17 +38,13 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
+from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
-
-if TYPE_CHECKING:
-    from spade.data.flickr import FlickrQuery
 
 LAYOUTS = ("coco", "ade20k", "cityscapes", "custom", "photos")
 RESULT_NAME = "fetch.json"
 MARKER_NAME = ".spade-fetch"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")
 IGNORED_TOP = {"__MACOSX"}
 DOWNLOAD_ATTEMPTS = 5
@@ -106,8 +102,20 @@ def fetch_dataset(
     layout: str = "auto",
     force: bool = False,
     progress: bool = True,
+    flickr_text: str | None = None,
+    flickr_tags: str | None = None,
+    flickr_license: str | None = None,
+    flickr_sort: str | None = None,
+    count: int | None = None,
+    size: str | None = None,
+    rate: float | None = None,
+    flickr_endpoint: str | None = None,
 ) -> FetchResult:
-    """Fetch `source` (see the module doc) into the folder `out`; returns what is there."""
+    """Fetch `source` (see the module doc) into the folder `out`; returns what is there.
+
+    The flickr_* options, count, size, rate and flickr_endpoint (FLICKR_OPTIONS) apply to flickr: sources
+    only: they override the source's query (see `spade fetch --help`); None leaves it as it is.
+    """
     out = Path(out)
     if layout != "auto" and layout not in LAYOUTS:
         raise SpadeError(f"unknown layout {layout!r}; one of auto, {', '.join(LAYOUTS)}")
@@ -115,13 +123,21 @@ def fetch_dataset(
         sha256 = sha256.strip().lower()
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise SpadeError(f"--sha256 must be 64 hex digits (got {sha256!r})")
+    flickr = {
+        "flickr_text": flickr_text,
+        "flickr_tags": flickr_tags,
+        "flickr_license": flickr_license,
+        "flickr_sort": flickr_sort,
+        "count": count,
+        "size": size,
+        "rate": rate,
+        "flickr_endpoint": flickr_endpoint,
+    }
     if source.startswith("flickr:"):
-        from spade.data.flickr import FlickrQuery
-
-        if layout not in ("auto", "photos"):
-            raise SpadeError(f"{source}: a flickr: source gives the photos layout, not {layout}")
-        query = FlickrQuery.from_source(source)
-        return _fetch_flickr_source(source, out, query, progress=progress)
+        return _fetch_flickr_source(source, out, flickr, sha256=sha256, layout=layout, progress=progress)
+    given = [name for name, value in flickr.items() if value is not None]
+    if given:
+        raise SpadeError(f"{', '.join('--' + o.replace('_', '-') for o in given)} only apply to flickr: sources")
 
     done = _completed(out, source, sha256)
     if done is not None and not force:
@@ -141,24 +157,22 @@ def fetch_dataset(
     ok = False
     try:
         if _is_remote(source):
-            archive = _download(source, work, progress=progress)
+            archive = _download(source, work, progress=progress)  # an s3:// prefix: the folder `tmp`, filled
             _check_sha256(archive, sha256, source, delete=True)
             _extract(archive, tmp, source)
         else:
             local = Path(source).expanduser()
-            if local.is_dir():
-                if sha256 is not None:
-                    raise SpadeError(f"{source}: --sha256 checks an archive file, and this is a folder; leave it out")
-                _copy_tree(local, tmp)
-            elif local.is_file():
-                _check_sha256(local, sha256, source, delete=False)
-                _extract(local, tmp, source)
-            else:
+            if not (local.is_dir() or local.is_file()):
                 raise SpadeError(f"source not found: {source} (a folder, archive, http(s)://, s3:// or flickr: URL)")
+            _check_sha256(local, sha256, source, delete=False)
+            if local.is_dir():
+                _copy_tree(local, tmp)
+            else:
+                _extract(local, tmp, source)
         root = _descend(tmp)
         found = detect_layout(root, layout, source)
         result = _describe(root, found, source)
-        result.path = out
+        result.path = out  # where it lands: written to fetch.json
         _write_result(root, result, sha256)
         _replace(root, out)
         ok = True
@@ -167,7 +181,6 @@ def fetch_dataset(
             shutil.rmtree(tmp, ignore_errors=True)
         if ok or not any(work.glob("*.part")):
             shutil.rmtree(work, ignore_errors=True)
-    result.path = out
     if progress:
         print(
             f"fetch: {source} -> {out} ({result.layout}, {result.files} files, fingerprint {result.fingerprint})",
@@ -180,18 +193,28 @@ def fetch_dataset(
 
 
 def _fetch_flickr_source(
-    source: str,
-    out: Path,
-    query: FlickrQuery,
-    *,
-    progress: bool,
-    endpoint: str | None = None,
-    rate: float | None = None,
+    source: str, out: Path, options: dict, *, sha256: str | None, layout: str, progress: bool
 ) -> FetchResult:
-    """Flickr photos into `out`; endpoint and rate default to FLICKR_ENDPOINT / FLICKR_RATE, else the API, 1/s."""
-    from spade.data.flickr import ENDPOINT, fetch_flickr
+    """Flickr photos into `out`, `options` (FLICKR_OPTIONS) overriding the source's query; endpoint and rate
+    default to FLICKR_ENDPOINT / FLICKR_RATE, else the API and 1 request per second."""
+    from spade.data.flickr import ENDPOINT, FlickrQuery, fetch_flickr
 
-    endpoint = endpoint or os.environ.get("FLICKR_ENDPOINT") or ENDPOINT
+    if sha256 is not None:
+        raise SpadeError(f"{source}: --sha256 does not apply to flickr: sources (it checks an archive file)")
+    if layout not in ("auto", "photos"):
+        raise SpadeError(f"{source}: a flickr: source gives the photos layout, not {layout}")
+    query = FlickrQuery.from_source(
+        source,
+        text=options["flickr_text"],
+        tags=options["flickr_tags"],
+        license=options["flickr_license"],
+        sort=options["flickr_sort"],
+        count=options["count"],
+        size=options["size"],
+    )
+    _check_replaceable(out, flickr=True)
+    endpoint = options["flickr_endpoint"] or os.environ.get("FLICKR_ENDPOINT") or ENDPOINT
+    rate = options["rate"]
     if rate is None:
         try:
             rate = float(os.environ.get("FLICKR_RATE") or 1.0)
@@ -227,14 +250,23 @@ def _completed(out: Path, source: str, sha256: str | None) -> FetchResult | None
         return None
 
 
-def _check_replaceable(out: Path) -> None:
+def _check_replaceable(out: Path, *, flickr: bool = False) -> None:
+    """Refuse an `out` that is not a folder, or a non-empty one that no fetch wrote: a later fetch replaces it,
+    and the files in it would go. `flickr`: an earlier Flickr fetch (interrupted: no marker yet) is one."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise SpadeError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file():
-        raise SpadeError(
-            f"{out} is not empty and was not written by spade fetch (no {MARKER_NAME}); "
-            "choose another --out or remove it"
-        )
+    if not out.is_dir() or not any(out.iterdir()) or (out / MARKER_NAME).is_file():
+        return
+    signs = f"no {MARKER_NAME}"
+    if flickr:
+        from spade.data.flickr import MANIFEST_NAME, QUERY_NAME, is_flickr_folder
+
+        if is_flickr_folder(out):
+            return
+        signs += f", nor the {MANIFEST_NAME} and {QUERY_NAME} of a Flickr fetch"
+    raise SpadeError(
+        f"{out} is not empty and was not written by spade fetch ({signs}); choose another --out or remove it"
+    )
 
 
 def _write_result(root: Path, result: FetchResult, sha256: str | None) -> None:
@@ -371,13 +403,13 @@ def _download(source: str, work: Path, *, progress: bool) -> Path:
     name = PurePosixPath(urllib.parse.urlsplit(source).path).name or "download"
     target = work / name
     if source.startswith("s3://"):
-        return _download_s3(source, work, progress=progress)
+        return _download_s3(source, work)
     part = work / f"{name}.part"
     for attempt in range(DOWNLOAD_ATTEMPTS):
         try:
-            if _http_get(source, part, progress=progress):
-                os.replace(part, target)
-                return target
+            _http_get(source, part, progress=progress)
+            os.replace(part, target)
+            return target
         except (urllib.error.URLError, OSError, _ShortRead) as exc:
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
                 part.unlink(missing_ok=True)
@@ -395,13 +427,20 @@ class _ShortRead(Exception):
     pass
 
 
-def _http_get(url: str, part: Path, *, progress: bool) -> bool:
-    """One attempt at the rest of `url` into `part` (Range from its size); True when complete."""
+def _http_get(url: str, part: Path, *, progress: bool) -> None:
+    """One attempt at the rest of `url` into `part` (Range from its size); returns once `part` is complete.
+
+    `part.meta` holds the ETag / Last-Modified of the download `part` belongs to (the If-Range validator);
+    a part without a readable one is not resumed but started again.
+    """
     from tqdm import tqdm
 
     have = part.stat().st_size if part.exists() else 0
     meta_path = part.with_name(part.name + ".meta")
-    meta = json.loads(meta_path.read_text()) if have and meta_path.is_file() else {}
+    meta = _read_meta(meta_path) if have else {}
+    if meta is None:  # torn or missing: whose part this is cannot be checked
+        part.unlink()
+        have, meta = 0, {}
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -426,7 +465,7 @@ def _http_get(url: str, part: Path, *, progress: bool) -> bool:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             meta = {"etag": response.headers.get("ETag"), "last_modified": response.headers.get("Last-Modified")}
-            meta_path.write_text(json.dumps(meta))
+            _write_meta(meta_path, meta)
         done = start
         with (
             part.open(mode) as fh,
@@ -447,7 +486,21 @@ def _http_get(url: str, part: Path, *, progress: bool) -> bool:
     if total is not None and done < total:
         raise _ShortRead(f"got {done} of {total} bytes")
     meta_path.unlink(missing_ok=True)
-    return True
+
+
+def _read_meta(path: Path) -> dict | None:
+    """The validators of a partial download; None when the file is missing or unreadable."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)  # never a torn file
 
 
 def _content_range_total(value: str | None) -> int | None:
@@ -457,7 +510,7 @@ def _content_range_total(value: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
-def _download_s3(source: str, work: Path, *, progress: bool) -> Path:
+def _download_s3(source: str, work: Path) -> Path:
     """An s3:// object (an archive: the downloaded file) or prefix (a folder: work/tree is filled)."""
     from spade.storage import s3_client, split_s3
 
@@ -501,15 +554,14 @@ def _download_s3(source: str, work: Path, *, progress: bool) -> Path:
 
 
 def _check_sha256(path: Path, expected: str | None, source: str, *, delete: bool) -> None:
-    if expected is None or path.is_dir():
-        if expected is not None:
-            raise SpadeError(f"{source}: --sha256 checks an archive file, and this is a folder; leave it out")
+    """`path` (an archive) has the sha256 `expected`, if one is given; `delete`: remove its folder if not."""
+    from spade.data.fingerprint import file_digest
+
+    if expected is None:
         return
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    actual = h.hexdigest()
+    if path.is_dir():
+        raise SpadeError(f"{source}: --sha256 checks an archive file, and this is a folder; leave it out")
+    actual = file_digest(path)
     if actual != expected:
         if delete:
             shutil.rmtree(path.parent, ignore_errors=True)
@@ -653,34 +705,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    progress = not args.no_progress
-    if args.source.startswith("flickr:"):
-        from spade.data.flickr import FlickrQuery
-
-        if args.sha256:
-            raise SpadeError("--sha256 does not apply to flickr: sources")
-        if args.layout not in ("auto", "photos"):
-            raise SpadeError(f"a flickr: source gives the photos layout, not {args.layout}")
-        query = FlickrQuery.from_source(
-            args.source,
-            text=args.flickr_text,
-            tags=args.flickr_tags,
-            license=args.flickr_license,
-            sort=args.flickr_sort,
-            count=args.count,
-            size=args.size,
-        )
-        result = _fetch_flickr_source(
-            args.source, Path(args.out), query, progress=progress, rate=args.rate, endpoint=args.flickr_endpoint
-        )
-    else:
-        flickr_only = [o for o in FLICKR_OPTIONS if getattr(args, o) is not None]
-        if flickr_only:
-            opts = ", ".join("--" + o.replace("_", "-") for o in flickr_only)
-            raise SpadeError(f"{opts} only apply to flickr: sources")
-        result = fetch_dataset(
-            args.source, args.out, sha256=args.sha256, layout=args.layout, force=args.force, progress=progress
-        )
+    result = fetch_dataset(
+        args.source,
+        args.out,
+        sha256=args.sha256,
+        layout=args.layout,
+        force=args.force,
+        progress=not args.no_progress,
+        **{name: getattr(args, name) for name in FLICKR_OPTIONS},
+    )
     print(json.dumps(result.to_dict(), indent=2))
     if result.needs_labels:
         images = result.path / "images" if (result.path / "images").is_dir() else result.path

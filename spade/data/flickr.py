@@ -14,8 +14,9 @@ rate-limited; HTTP 429 / 503 (and other 5xx, connection errors) are retried with
 backoff, honouring Retry-After, a bounded number of times. A run is resumable: photos already in
 the manifest are skipped, and a photo is written to the manifest only once its file is in place.
 Photos are de-duplicated by id and by content (sha256): a repeated picture gets a `duplicate` line
-and no file. Flickr returns at most 4,000 distinct results per query; narrow or vary the query for
-more.
+and no file. A photo in a format the training stage does not read (spade.data.suffixes: e.g. a GIF
+original) is not downloaded, only counted. Flickr returns at most 4,000 distinct results per query;
+narrow or vary the query for more.
 
 Flickr licence ids (flickr.photos.licenses.getInfo); the default keeps Creative Commons and public
 domain ones, 1,2,3,4,5,6,9,10 (add 11-16 for the CC 4.0 licences)::
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
 
 ENDPOINT = "https://api.flickr.com/services/rest/"
@@ -171,6 +173,7 @@ class FlickrReport:
     already: int = 0  # photos found in the manifest from an earlier run
     duplicates: int = 0  # same content as a photo kept before
     unavailable: int = 0  # no URL in the requested size, or Flickr's "photo unavailable" picture
+    unsupported: int = 0  # a format nothing here reads (IMAGE_SUFFIXES), e.g. GIF: not downloaded
     pages: int = 0
     failed: list[str] = field(default_factory=list)
 
@@ -189,7 +192,8 @@ class FlickrReport:
     def summary(self) -> str:
         return (
             f"flickr: {self.kept} photo(s) in {self.images} ({self.downloaded} new, {self.already} from before, "
-            f"{self.duplicates} duplicate(s), {self.unavailable} unavailable, {len(self.failed)} failed)"
+            f"{self.duplicates} duplicate(s), {self.unavailable} unavailable, {self.unsupported} in an unread "
+            f"format, {len(self.failed)} failed)"
         )
 
     def to_dict(self) -> dict:
@@ -282,6 +286,12 @@ def read_manifest(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def is_flickr_folder(out: str | Path) -> bool:
+    """Whether `out` holds an earlier (maybe interrupted) run of fetch_flickr: its manifest and query files."""
+    out = Path(out)
+    return (out / MANIFEST_NAME).is_file() and (out / QUERY_NAME).is_file()
 
 
 def fetch_flickr(
@@ -390,6 +400,10 @@ def _download_photo(
     if not url:
         report.unavailable += 1
         return None
+    suffix = Path(urllib.parse.urlsplit(url).path).suffix.lower() or ".jpg"
+    if suffix not in IMAGE_SUFFIXES:
+        report.unsupported += 1
+        return None
     try:
         body, final_url = client.get(url, f"photo {pid}")
     except SpadeError as exc:
@@ -414,9 +428,6 @@ def _download_photo(
     if digest in hashes:
         report.duplicates += 1
         return {**record, "status": "duplicate", "duplicate_of": hashes[digest], "file": None}
-    suffix = Path(urllib.parse.urlsplit(url).path).suffix.lower() or ".jpg"
-    if suffix not in (".jpg", ".jpeg", ".png", ".gif", ".webp"):
-        suffix = ".jpg"
     target = images / f"{pid}{suffix}"
     part = images / f".{pid}{suffix}.part"
     part.write_bytes(body)

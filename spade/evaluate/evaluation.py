@@ -5,7 +5,8 @@ segmenter labels that image at the label map's own resolution and a confusion
 matrix against the input label map gives mIoU and pixel accuracy (don't-care
 pixels ignored). FID compares Inception features of the synthesized images with
 those of the real photos (at the model's resolution; real statistics are cached
-per dataset fingerprint). Results go to metrics.json, a sample grid, and MLflow.
+per dataset fingerprint). Results go to metrics.json, a sample grid, and MLflow,
+with the precision the generator ran at ("auto" resolves per machine).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def evaluate(
     }
     metrics["checkpoint"] = str(checkpoint)
     metrics["segmenter"] = segmenter
+    metrics["precision"] = synth.precision  # as resolved: "auto" depends on the machine, and so may the numbers
     metrics["seconds"] = round(time.perf_counter() - start, 2)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,13 +213,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _log_to_mlflow(meta: dict, metrics: dict, metrics_path: Path, grid_path: Path, cfg: TrackingConfig) -> str | None:
-    """Log into the checkpoint's training run when it is known, else into a new evaluation run."""
+    """Log into the checkpoint's training run when it is known, else into a new evaluation run.
+
+    The precision is a tag (`eval_precision`), not a param: params cannot change, and a training run may be
+    evaluated again at another precision."""
     if not cfg.enabled:
         return None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
         from mlflow.tracking import MlflowClient
 
         from spade.train.tracking import resolve_tracking_uri
@@ -233,7 +238,11 @@ def _log_to_mlflow(meta: dict, metrics: dict, metrics_path: Path, grid_path: Pat
         stamp = int(time.time() * 1000)
         step = int(meta.get("iteration") or 0)
         scalars = {f"eval_{k}": float(v) for k, v in metrics.items() if k in ("mIoU", "accuracy", "fid")}
-        client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in scalars.items()])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, stamp, step) for k, v in scalars.items()],
+            tags=[RunTag("eval_precision", metrics["precision"])],
+        )
         client.log_artifact(run_id, str(metrics_path), "evaluation")
         client.log_artifact(run_id, str(grid_path), "evaluation")
         return run_id

@@ -870,7 +870,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = load_settings(params_path(args.params), list(args.overrides or []))
+    settings = load_settings(params_path(args.params), args.overrides)
     decision = register(
         mar=args.mar,
         metrics=args.metrics,

@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from spade.config import add_precision_argument
 from spade.errors import SpadeError
 from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64
 
@@ -77,15 +78,12 @@ class StudioError(SpadeError):
     """A start-up problem (missing checkpoint, unreachable endpoint, port in use), explained in the message."""
 
 
-ApiError = RequestError  # a problem with one studio request: answered as JSON {"error", "status"}
-
-
 def _json_response(status: int, obj: object) -> Response:
     return Response(status, "application/json", json.dumps(obj).encode())
 
 
 def _error_response(message: str, status: int) -> Response:
-    return _json_response(status, {"error": message, "status": status})
+    return Response.error(RequestError(message, status))
 
 
 # ---------------------------------------------------------------------------- backends
@@ -258,14 +256,14 @@ def _upstream_message(body: bytes) -> str:
 
 def _int(value: object, name: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ApiError(f"'{name}' must be an integer in {low}..{high}, got {value!r}")
+        raise RequestError(f"'{name}' must be an integer in {low}..{high}, got {value!r}")
     return value
 
 
 def values_png(values: bytes, width: int, height: int) -> bytes:
     """Raw uint8 class values (row-major, width x height) -> a single-channel (mode L) PNG."""
     if len(values) != width * height:
-        raise ApiError(f"'label_values' has {len(values)} bytes, but {width}x{height} needs {width * height}")
+        raise RequestError(f"'label_values' has {len(values)} bytes, but {width}x{height} needs {width * height}")
     buf = io.BytesIO()
     Image.frombytes("L", (width, height), values).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -275,26 +273,28 @@ def synthesis_fields(body: Mapping, info: Mapping) -> dict:
     """The studio's synthesize request -> the service's fields (label PNG and style as base64, seed)."""
     unknown = sorted(str(k) for k in set(body) - set(SYNTH_FIELDS))
     if unknown:
-        raise ApiError(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(SYNTH_FIELDS)}")
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(SYNTH_FIELDS)}")
     max_pixels = int(info.get("max_pixels") or DEFAULT_MAX_PIXELS)
     if body.get("label_values") is not None:
         if body.get("label") is not None:
-            raise ApiError("send either 'label_values' or 'label', not both")
+            raise RequestError("send either 'label_values' or 'label', not both")
         width = _int(body.get("width"), "width", 1, max_pixels)
         height = _int(body.get("height"), "height", 1, max_pixels)
         if width * height > max_pixels:
-            raise ApiError(f"{width}x{height} is {width * height} pixels; the limit is {max_pixels}", 413)
+            raise RequestError(f"{width}x{height} is {width * height} pixels; the limit is {max_pixels}", 413)
         label = values_png(decode_base64(body["label_values"], "label_values"), width, height)
     elif body.get("label") is not None:
         label = decode_base64(body["label"], "label")
     else:
-        raise ApiError("missing 'label_values' (base64 of the uint8 class values, with width and height) or 'label'")
+        raise RequestError(
+            "missing 'label_values' (base64 of the uint8 class values, with width and height) or 'label'"
+        )
     fields: dict = {"label": _text(label)}
     if body.get("seed") is not None and info.get("multimodal"):
         fields["seed"] = body["seed"]
     if body.get("style") is not None:
         if not info.get("multimodal"):
-            raise ApiError("this model has no image encoder, so it cannot take a style image")
+            raise RequestError("this model has no image encoder, so it cannot take a style image")
         fields["style"] = _text(decode_base64(body["style"], "style"))
     return fields
 
@@ -311,16 +311,16 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise ApiError(f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", 413)
+                raise RequestError(f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", 413)
             img.load()
-    except ApiError:
+    except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(f"the image is too large to decode ({exc})", 413) from None
+        raise RequestError(f"the image is too large to decode ({exc})", 413) from None
     except UnidentifiedImageError:
-        raise ApiError("not a readable image (PNG, JPEG, BMP, TIFF or WebP)") from None
+        raise RequestError("not a readable image (PNG, JPEG, BMP, TIFF or WebP)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ApiError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+        raise RequestError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     return img
 
 
@@ -372,7 +372,7 @@ def decode_label(data: bytes, info: Mapping) -> tuple[np.ndarray, dict]:
         elif (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
             raw = rgb[..., 0].astype(np.int64)  # a grey map of values saved as RGB
         else:
-            raise ApiError(
+            raise RequestError(
                 f"this {img.mode} colour image is not painted with the model's class colours (more than "
                 f"{MAX_UNMATCHED:.0%} of its pixels match none); upload a single-channel PNG of class values, "
                 "or an image saved from the studio",
@@ -389,7 +389,7 @@ def decode_label(data: bytes, info: Mapping) -> tuple[np.ndarray, dict]:
         shown = ", ".join(map(str, bad[:12])) + (", ..." if len(bad) > 12 else "")
         lo, hi = min(class_values), max(class_values)
         extra = f" or {dontcare} (don't care)" if dontcare is not None else " (this model has no don't-care value)"
-        raise ApiError(f"label values {shown} are not classes of this model (valid: {lo}..{hi}{extra})", 422)
+        raise RequestError(f"label values {shown} are not classes of this model (valid: {lo}..{hi}{extra})", 422)
     width, height = int(info["width"]), int(info["height"])
     if raw.shape != (height, width):
         resized = Image.fromarray(raw.astype(np.int32), mode="I").resize((width, height), Image.NEAREST)
@@ -509,20 +509,20 @@ class StudioHandler(BaseHTTPRequestHandler):
         """The request body, within the size limit (a larger one is drained, or the connection closed, and 413)."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True
-            raise ApiError("chunked request bodies are not supported; send Content-Length", 411)
+            raise RequestError("chunked request bodies are not supported; send Content-Length", 411)
         length = self.headers.get("Content-Length")
         if length is None:
-            raise ApiError("a request body with Content-Length is required", 411)
+            raise RequestError("a request body with Content-Length is required", 411)
         try:
             n = int(length)
             if n < 0:
                 raise ValueError
         except ValueError:
             self.close_connection = True
-            raise ApiError(f"bad Content-Length {length!r}") from None
+            raise RequestError(f"bad Content-Length {length!r}") from None
         if n > self.server.max_body:
             self._drain(n)
-            raise ApiError(
+            raise RequestError(
                 f"the request body is {n / 2**20:.1f} MiB; the studio accepts at most "
                 f"{self.server.max_body / 2**20:.1f} MiB (use smaller images, or start it with a larger --max-body-mb)",
                 413,
@@ -550,13 +550,13 @@ class StudioHandler(BaseHTTPRequestHandler):
         data = self._read_body()
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
-            raise ApiError(f"send the request as application/json, not {ctype or 'no content type'}", 415)
+            raise RequestError(f"send the request as application/json, not {ctype or 'no content type'}", 415)
         try:
             body = json.loads(data)
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ApiError(f"the request body is not valid JSON ({exc})") from None
+            raise RequestError(f"the request body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
-            raise ApiError("the request body must be a JSON object")
+            raise RequestError("the request body must be a JSON object")
         return body
 
     # ------------------------------------------------------------ routes
@@ -587,13 +587,13 @@ class StudioHandler(BaseHTTPRequestHandler):
         try:
             if not self._host_ok():
                 self._discard()
-                raise ApiError("unexpected Host header", 403)
+                raise RequestError("unexpected Host header", 403)
             if route is None:
                 self._discard()
-                raise ApiError(f"no such API route: POST {path}", 404)
+                raise RequestError(f"no such API route: POST {path}", 404)
             response = route(self, self._read_json())
-        except ApiError as err:
-            response = _error_response(str(err), err.status)
+        except RequestError as err:
+            response = Response.error(err)
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
             self.log_error("internal error on POST %s: %r", path, exc)
             response = _error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
@@ -605,7 +605,7 @@ class StudioHandler(BaseHTTPRequestHandler):
     def _label(self, body: dict) -> Response:
         """An uploaded label map (base64 / data URL in "image") -> its class values at the model's size."""
         if set(body) != {"image"}:
-            raise ApiError('send {"image": "<base64 or data URL of the label map>"}')
+            raise RequestError('send {"image": "<base64 or data URL of the label map>"}')
         values, notes = decode_label(decode_base64(body["image"], "image"), self.server.info)
         h, w = values.shape
         payload = dict(notes, width=w, height=h, values=base64.b64encode(values.tobytes()).decode("ascii"))
@@ -614,7 +614,7 @@ class StudioHandler(BaseHTTPRequestHandler):
     def _label_png(self, body: dict) -> Response:
         """The painted class values -> the single-channel PNG that `spade synthesize --label` reads."""
         if set(body) - {"label_values", "width", "height"}:
-            raise ApiError("send label_values, width and height")
+            raise RequestError("send label_values, width and height")
         fields = synthesis_fields(body, self.server.info)
         return Response(200, "image/png", base64.b64decode(fields["label"]))
 
@@ -657,12 +657,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free port)")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="in-process model precision (auto: bf16 where the device runs it natively)",
-    )
+    add_precision_argument(parser, what="in-process model precision: ")
     parser.add_argument("--device", default="auto", help="in-process device: cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the endpoint per image"
@@ -674,13 +669,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    from spade.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StudioError(f"--device {name} asked for, but no CUDA device is available")
-    return name
+    try:
+        return str(resolve_device(name))
+    except SpadeError as exc:
+        raise StudioError(f"--device: {exc}") from None
 
 
 def build_backend(args: argparse.Namespace) -> Backend:
@@ -709,19 +703,22 @@ def main(args: argparse.Namespace) -> None:
     server = make_server(backend, args.host, args.port, max_body=int(args.max_body_mb * 2**20), quiet=not args.verbose)
     info = server.info
     try:
-        print(
-            f"spade studio: {backend.describe()}: {len(info['classes'])} classes, {info['width']}x{info['height']}"
-            + (", multi-modal" if info.get("multimodal") else ""),
-            flush=True,
-        )
-        if not server.loopback:
-            print(f"warning: listening on {args.host}: anyone who can reach this port can use the model", flush=True)
-        print(f"serving at {server.url}  (Ctrl-C to stop)", flush=True)
+        # the handlers go in before the URL is printed: whoever reads it may signal at once
         with _stop_on_signals(server) as stopping:
+            print(
+                f"spade studio: {backend.describe()}: {len(info['classes'])} classes, {info['width']}x{info['height']}"
+                + (", multi-modal" if info.get("multimodal") else ""),
+                flush=True,
+            )
+            if not server.loopback:
+                print(
+                    f"warning: listening on {args.host}: anyone who can reach this port can use the model", flush=True
+                )
+            print(f"serving at {server.url}  (Ctrl-C to stop)", flush=True)
             server.serve_forever()
-        if stopping.is_set():
-            print("\nstopping", flush=True)
-    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+            if stopping.is_set():
+                print("\nstopping", flush=True)
+    except KeyboardInterrupt:  # a Ctrl-C just before the handlers are in place (once in, they ignore repeats)
         print("\nstopping", flush=True)
     finally:
         server.server_close()
@@ -730,7 +727,9 @@ def main(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def _stop_on_signals(server: ThreadingHTTPServer):
     """Ctrl-C / SIGTERM end serve_forever from a helper thread instead of raising KeyboardInterrupt
-    wherever the main thread happens to be (inside a lock, say, which would then never be released)."""
+    wherever the main thread happens to be (inside a lock, say, which would then never be released).
+    The first signal stops the server, later ones are ignored; one that comes before serve_forever starts
+    makes it return at once. Off the main thread (no handlers can be installed) this does nothing."""
     stopping = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stopping
@@ -751,7 +750,6 @@ def _stop_on_signals(server: ThreadingHTTPServer):
 
 __all__ = [
     "EXAMPLES",
-    "ApiError",
     "EndpointBackend",
     "InProcessBackend",
     "StudioError",

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from spade.checkpoints import Checkpoint
 from spade.config import Settings
+from spade.devices import resolve_device
 from spade.errors import SpadeError
 from spade.losses import VGGLoss
 from spade.nn.vgg import VGG19Features
@@ -86,13 +87,11 @@ class _StopFlag:
 
 
 def pick_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SpadeError(f"train.device={name} but no CUDA device is available")
-        return torch.device("cuda", info.local_rank if info.enabled else torch.device(name).index or 0)
-    return torch.device(name)
+    """train.device resolved; under torchrun each process takes the GPU of its local rank."""
+    dev = resolve_device(name)
+    if dev.type == "cuda":
+        return torch.device("cuda", info.local_rank if info.enabled else dev.index or 0)
+    return dev
 
 
 def seed_everything(seed: int) -> None:

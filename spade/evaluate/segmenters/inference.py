@@ -12,22 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spade.devices import resolve_device  # noqa: F401  (the segmenters import it from here)
 from spade.errors import SpadeError
 from spade.evaluate.segmenters.base import Segmentation
 from spade.precision import autocast_for
 
 MAX_KEYS_SHOWN = 5
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch.device, refusing an accelerator this machine does not have."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SpadeError(f"device {device!r} is not a torch device, like 'cpu' or 'cuda:0' ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpadeError(f"device {device!r} asked for, but this machine has no CUDA GPU; use device='cpu'")
-    return dev
 
 
 def check_photos(photos: Sequence[np.ndarray]) -> None:
