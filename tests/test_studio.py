@@ -475,7 +475,8 @@ def test_a_signal_stops_the_command_cleanly(tmp_path, service, sig):
 
 def test_signals_stop_the_server_from_a_helper_thread(service):
     """No KeyboardInterrupt in the main thread: the first signal shuts the server down (even one that comes
-    before serve_forever starts), a repeat is ignored, and the previous handlers are put back."""
+    before serve_forever starts), a repeat is ignored, the previous handlers are put back and the helper
+    thread has ended (a daemon thread left running at interpreter exit can abort the process)."""
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = make_server(InProcessBackend(service), "127.0.0.1", 0)
     watchdog = threading.Timer(20, server.shutdown)  # a broken handler must fail the test, not hang it
@@ -491,6 +492,7 @@ def test_signals_stop_the_server_from_a_helper_thread(service):
             start = time.monotonic()
             server.serve_forever()
         assert time.monotonic() - start < 10, "serve_forever ran on after the signal"
+        assert [t.name for t in threading.enumerate() if t.name == "studio-stop"] == []
     finally:
         watchdog.cancel()
         server.server_close()

@@ -734,11 +734,12 @@ def _stop_on_signals(server: ThreadingHTTPServer):
     if threading.current_thread() is not threading.main_thread():
         yield stopping
         return
+    stopper = threading.Thread(target=server.shutdown, name="studio-stop", daemon=True)
 
     def on_signal(signum: int, frame: object) -> None:
         if not stopping.is_set():
             stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            stopper.start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -746,6 +747,10 @@ def _stop_on_signals(server: ThreadingHTTPServer):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # a daemon thread still running at interpreter exit is torn down mid-call, which can abort the
+        # process ("terminate called without an active exception"); shutdown() returns once serve_forever has
+        if stopper.is_alive():
+            stopper.join(timeout=10)
 
 
 __all__ = [
