@@ -207,7 +207,8 @@ class DataConfig:
     load_size: int = 286
     no_flip: bool = False
     skip_bad: bool = False
-    num_workers: int = 0
+    # training loader processes; auto: none on CPU (they would take cores from the model), a few per GPU
+    num_workers: int | str = "auto"
     max_samples: int = 0
 
     def __post_init__(self) -> None:
@@ -219,8 +220,11 @@ class DataConfig:
             )
         if self.split not in ("train", "val"):
             raise SpadeError(f"data.split must be train or val, got {self.split!r}")
-        if self.load_size < 1 or self.num_workers < 0 or self.max_samples < 0:
-            raise SpadeError("data.load_size must be >= 1; num_workers and max_samples >= 0")
+        workers = self.num_workers
+        if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise SpadeError(f"data.num_workers must be auto or a whole number >= 0, got {workers!r}")
+        if self.load_size < 1 or self.max_samples < 0:
+            raise SpadeError("data.load_size must be >= 1 and data.max_samples >= 0")
 
 
 # synthesis / serving / evaluation run float32 or bfloat16; training may also use float16 (CUDA). "auto" is resolved

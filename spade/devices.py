@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import torch
 
 from spade.errors import SpadeError
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -19,3 +25,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SpadeError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; use cpu")
     return dev
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity set, capped by a cgroup (v2) CPU quota, as a pod's
+    `limits.cpu` sets it (os.cpu_count() counts the whole node's)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)

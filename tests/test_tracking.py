@@ -21,6 +21,7 @@ from spade.checkpoints import Checkpoint
 from spade.config import load_settings
 from spade.data.synthetic import generate_builtin_dataset
 from spade.train.checkpointing import list_checkpoints
+from spade.train.loop import loader_workers
 from train_helpers import SPADE, MlflowServer, child_env, tiny_params, wait_for, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,9 @@ def expected_params(params_file: Path, dataset_size: int) -> dict[str, str]:
     flat = {f"{section}.{key}": str(value) for section, body in sections for key, value in body.items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     added = {"world_size": "1", "device": device, "dataset_size": str(dataset_size)}
-    return {**flat, **added, "precision_used": settings.train.precision}  # the tests' params name one
+    workers = loader_workers(settings.data.num_workers, torch.device(device))
+    # the tests' params name a precision
+    return {**flat, **added, "precision_used": settings.train.precision, "num_workers_used": str(workers)}
 
 
 def test_without_a_tracking_uri_runs_go_to_a_sqlite_file_in_the_working_folder(tmp_path, builtin_32, server_boot):

@@ -1,5 +1,6 @@
 """The trainer: exact resume, SIGTERM, atomic checkpoints, distributed data parallel, learning."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -56,18 +57,27 @@ def test_linear_lr_decay():
 
 
 def test_exact_resume_after_sigterm(tmp_path, builtin_32):
-    """2N iterations straight == N, SIGTERM, resume to 2N: bit-identical weights and optimiser state."""
+    """2N iterations straight == N, SIGTERM, resume to 2N: bit-identical weights and optimiser state.
+
+    The straight run reads its data in the training process; the interrupted one with two loader workers,
+    and the signal goes to its whole process group (as Ctrl-C or a container stop does), workers included.
+    24 samples in batches of 4 over 12 iterations: two epochs, so the workers read across an epoch's end.
+    """
     total = 12
-    straight = write_params(tmp_path / "a.yaml", tiny_params(builtin_32, tmp_path / "a", train={"iterations": total}))
+    straight = write_params(
+        tmp_path / "a.yaml",
+        tiny_params(builtin_32, tmp_path / "a", train={"iterations": total}, data={"num_workers": 0}),
+    )
     run_train(straight)
     interrupted = write_params(
-        tmp_path / "b.yaml", tiny_params(builtin_32, tmp_path / "b", train={"iterations": total})
+        tmp_path / "b.yaml",
+        tiny_params(builtin_32, tmp_path / "b", train={"iterations": total}, data={"num_workers": 2}),
     )
     proc = subprocess.Popen([*SPADE, "train", "--params", str(interrupted)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)  # fmt: skip
     ckpt_dir = tmp_path / "b" / "checkpoints"
     wait_for(lambda: (ckpt_dir / "iter_00000002.pt").exists() or proc.poll() is not None, 120, "first checkpoint")
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "continue with --resume" in out

@@ -1,4 +1,5 @@
-"""Process-group set-up for torchrun, and the sampler that splits each global batch across ranks."""
+"""Process-group set-up for torchrun, the sampler that splits each global batch across ranks, and the
+run-long stream of those batches that the trainer's one DataLoader reads."""
 
 from __future__ import annotations
 
@@ -99,6 +100,36 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         for b in range(self.start_batch, self.batches_per_epoch):
             chunk = order[b * self.global_batch : (b + 1) * self.global_batch][lo : lo + self.per_rank]
             yield [(i, augment_seed(self.seed, self.epoch, i)) for i in chunk]
+
+
+class BatchStream(Sampler[list[tuple[int, int]]]):
+    """`GlobalBatchSampler`'s batches epoch after epoch, from (epoch, start_batch) on, without end.
+
+    The trainer reads it through one DataLoader for the whole run, so loader workers start once, not
+    once per epoch, and keep reading ahead across epoch boundaries. Every sample carries its own
+    augmentation seed, so the batches do not depend on how many workers read them or how far ahead.
+    A start_batch at or past the end of its epoch begins the next epoch (a checkpoint taken at an
+    epoch's end records it so).
+    """
+
+    def __init__(self, n: int, global_batch: int, *, info: DistInfo, seed: int, epoch: int, start_batch: int = 0):
+        self.n, self.global_batch, self.info = n, global_batch, info
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{n} samples make no batch of {global_batch}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epoch, self.start_batch
+        while True:
+            sampler = GlobalBatchSampler(
+                self.n, self.global_batch, info=self.info, seed=self.seed, epoch=epoch, start_batch=start
+            )
+            yield from sampler
+            epoch, start = epoch + 1, 0
 
 
 class SeededSamples(Dataset):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import sys
@@ -25,14 +26,14 @@ from tqdm import tqdm
 
 from spade.checkpoints import Checkpoint
 from spade.config import Settings
-from spade.devices import resolve_device
+from spade.devices import resolve_device, usable_cpus
 from spade.errors import SpadeError
 from spade.losses import VGGLoss
 from spade.nn.vgg import VGG19Features
 from spade.train import checkpointing as ckpts
 from spade.train.distributed import (
+    BatchStream,
     DistInfo,
-    GlobalBatchSampler,
     SeededSamples,
     any_rank,
     init_distributed,
@@ -51,6 +52,9 @@ from spade.train.tracking import MLflowTracker, Tracker, git_commit
 from spade.visualize import dataset_colours, sample_grid
 
 SIGTERM_EXIT = 143
+# data.num_workers=auto on a GPU: reading and augmenting one coco sample at 256x256 takes about 7-10 ms of one
+# core (benchmarks/data_loading.py), so 4 workers supply some 400-500 samples/s to each GPU
+MAX_AUTO_WORKERS = 4
 
 
 @dataclass
@@ -92,6 +96,26 @@ def pick_device(name: str, info: DistInfo) -> torch.device:
     if dev.type == "cuda":
         return torch.device("cuda", info.local_rank if info.enabled else dev.index or 0)
     return dev
+
+
+def loader_workers(setting: int | str, device: torch.device, local_processes: int | None = None) -> int:
+    """data.num_workers resolved. auto: none on CPU, where workers would take cores from the model's own
+    threads for what is a fraction of a percent of an iteration; on a GPU, a share of this machine's
+    CPUs per training process on it (one kept for the process itself), at most MAX_AUTO_WORKERS."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, usable_cpus() // max(1, local_processes) - 1))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT / SIGTERM to the trainer, which saves, then shuts them down: a Ctrl-C
+    reaches the whole process group, and a worker it killed would fail the fetch before the save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def seed_everything(seed: int) -> None:
@@ -192,6 +216,7 @@ def train(
         tracker = _make_tracker(settings, run_id, info)
         fingerprint = (dataset_fingerprint or _fingerprint(dataset)) if info.is_main else ""
         classes = _class_info(settings)
+        workers = loader_workers(dc.num_workers, device)
         if info.is_main:
             params = flatten(settings.to_dict())
             params.update(
@@ -200,6 +225,7 @@ def train(
                     "device": device.type,
                     "dataset_size": len(dataset),
                     "precision_used": precision,
+                    "num_workers_used": workers,
                 }
             )
             if start_iter == 0:
@@ -212,9 +238,18 @@ def train(
                 }
             )
 
-        loader_kwargs = dict(num_workers=dc.num_workers, pin_memory=device.type == "cuda")
-        if dc.num_workers:
-            loader_kwargs["persistent_workers"] = False
+        stream = BatchStream(
+            len(dataset), tc.batch_size, info=info, seed=tc.seed, epoch=epoch, start_batch=batch_in_epoch
+        )
+        if batch_in_epoch >= stream.batches_per_epoch:  # a checkpoint from the end of an epoch
+            epoch, batch_in_epoch = epoch + 1, 0
+        loader = DataLoader(
+            SeededSamples(dataset),
+            batch_sampler=stream,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals if workers else None,
+        )
         history: list[dict] = []
         it = start_iter
         last_ckpt: str | None = None
@@ -262,12 +297,9 @@ def train(
             return ckpts.save_checkpoint(ckpt, location, iteration, tc.keep_checkpoints)
 
         with _StopFlag() as stop:
-            while it < tc.iterations and not stopped:
-                sampler = GlobalBatchSampler(
-                    len(dataset), tc.batch_size, info=info, seed=tc.seed, epoch=epoch, start_batch=batch_in_epoch
-                )
-                loader = DataLoader(SeededSamples(dataset), batch_sampler=sampler, **loader_kwargs)
-                for batch in loader:
+            batches = iter(loader) if it < tc.iterations else iter(())  # workers start here, once per run
+            try:
+                for batch in batches:
                     factor = tc.lr_factor(it)
                     for group in opt_g.param_groups:
                         group["lr"] = tc.lr_G * factor
@@ -278,6 +310,8 @@ def train(
 
                     it += 1
                     batch_in_epoch += 1
+                    if batch_in_epoch == stream.batches_per_epoch:
+                        epoch, batch_in_epoch = epoch + 1, 0
                     for k, v in logged.items():
                         window[k] = window.get(k, 0.0) + float(v.detach())
                     window_n += 1
@@ -309,8 +343,8 @@ def train(
                         last_ckpt = save(it)
                     if it >= tc.iterations:
                         break
-                if batch_in_epoch >= sampler.batches_per_epoch:
-                    epoch, batch_in_epoch = epoch + 1, 0
+            finally:
+                del batches  # stops the workers now, not when the iterator happens to be collected
         bar.close()
 
         final_model = None
