@@ -29,10 +29,9 @@ COMPONENT_NAMES = ("fetch-dataset", "pseudolabel", "train", "evaluate", "package
 
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """params.yaml (PATH, else ./params.yaml, else the repository's, else {}) with 'section.key=value' overrides."""
-    from spade.config import apply_overrides, load_params
+    from spade.config import apply_overrides, load_params, params_path
 
-    if path is None:
-        path = next((p for p in (Path("params.yaml"), PARAMS_FILE) if p.is_file()), None)
+    path = params_path(path) or (PARAMS_FILE if PARAMS_FILE.is_file() else None)
     return apply_overrides(load_params(path), overrides or [])
 
 

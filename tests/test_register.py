@@ -7,15 +7,15 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import urllib.parse
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 
+from http_helpers import FakeServer, reply
 from spade.config import RegisterConfig
 from spade.errors import SpadeError
 from spade.serve import register as reg
@@ -288,42 +288,32 @@ def test_s3_store_registers_the_object_uri_and_a_registration_run(tmp_path, clie
 # --- TorchServe ---------------------------------------------------------------------------------
 
 
-class FakeTorchServe:
+class FakeTorchServe(FakeServer):
     """A management API on 127.0.0.1 that records requests; `answers` queues (status, body) replies."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.answers: list[tuple[int, dict]] = []
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                parsed = urllib.parse.urlsplit(self.path)
-                fake.requests.append(
-                    {
-                        "method": self.command,
-                        "path": parsed.path,
-                        "query": dict(urllib.parse.parse_qsl(parsed.query)),
-                        "auth": self.headers.get("Authorization"),
-                    }
-                )
-                status, body = fake.answers.pop(0) if fake.answers else (200, {"status": "ok"})
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        if h.command not in ("POST", "PUT"):
+            reply(h, 501, {"code": 501, "message": f"unsupported method {h.command}"})
+            return
+        parsed = urllib.parse.urlsplit(h.path)
+        self.requests.append(
+            {
+                "method": h.command,
+                "path": parsed.path,
+                "query": dict(urllib.parse.parse_qsl(parsed.query)),
+                "auth": h.headers.get("Authorization"),
+            }
+        )
+        status, body = self.answers.pop(0) if self.answers else (200, {"status": "ok"})
+        reply(h, status, body)
 
-            do_POST = do_PUT = _answer  # noqa: N815
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def url(self) -> str:
+        return self.base
 
     def calls(self) -> list[tuple[str, str]]:
         done = [(r["method"], r["path"]) for r in self.requests]
@@ -331,15 +321,15 @@ class FakeTorchServe:
         return done
 
     def stop(self) -> None:
-        if self.thread.is_alive():
-            self.server.shutdown()
-            self.server.server_close()
-            self.thread.join()
+        """Stop serving (a test may stop it early: later calls find nothing listening)."""
+        if self.base:
+            self.__exit__(None, None, None)
+            self.base = ""
 
 
 @pytest.fixture
 def torchserve():
-    fake = FakeTorchServe()
+    fake = FakeTorchServe().__enter__()
     yield fake
     fake.stop()
 
