@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from http_helpers import FakeServer, reply
 from spade.checkpoints import Checkpoint
 from spade.config import ModelConfig
 from spade.nn import ConvEncoder, SPADEGenerator
@@ -321,7 +322,7 @@ def test_label_upload_decodes_values_colours_and_sizes(app, service):
 # ---------------------------------------------------------------------------- through a TorchServe-like endpoint
 
 
-class FakeTorchServe:
+class FakeTorchServe(FakeServer):
     """Imitates TorchServe with the spade handler: POST /predictions/spade with a Bearer token; JSON errors.
 
     `mode`: "ok", "fail" (500 worker died), "slow" (answers after 1 s), "old" (no 'describe' support).
@@ -332,53 +333,45 @@ class FakeTorchServe:
         self.token = token
         self.mode = "ok"
         self.seen: list[tuple[str | None, dict]] = []
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
+    @property
+    def url(self) -> str:
+        return f"{self.base}/predictions/spade"
 
-            def answer(self, status: int, ctype: str, body: bytes) -> None:
-                with contextlib.suppress(ConnectionError):  # the studio gave up waiting
-                    self.send_response(status)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        with contextlib.suppress(ConnectionError):  # the studio gave up waiting
+            status, body, ctype = self.answer(h)
+            reply(h, status, body, headers=[("Content-Type", ctype)] if ctype else [])
 
-            def fail(self, status: int, kind: str, message: str) -> None:
-                self.answer(
-                    status, "application/json", json.dumps({"code": status, "type": kind, "message": message}).encode()
-                )
+    def answer(self, h: BaseHTTPRequestHandler) -> tuple[int, dict | bytes, str | None]:
+        """(status, body, content type: None for a JSON body)."""
 
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.seen.append((self.headers.get("Authorization"), body))
-                if self.path != "/predictions/spade":
-                    return self.fail(404, "ModelNotFoundException", f"Model not found: {self.path}")
-                if self.headers.get("Authorization") != f"Bearer {fake.token}":
-                    return self.fail(401, "InvalidKeyException", "Token Authorization failed. Token either incorrect")
-                if fake.mode == "fail":
-                    return self.fail(500, "InternalServerException", "Worker died.")
-                if fake.mode == "slow":
-                    time.sleep(1.0)
-                if body == {"describe": True}:
-                    if fake.mode == "old":  # a service from before 'describe'
-                        error = {"error": "unknown field(s) 'describe'; accepted: label, ...", "status": 400}
-                        return self.answer(400, "application/json", json.dumps(error).encode())
-                    return self.answer(200, "application/json", json.dumps(fake.service.info()).encode())
-                (response,) = fake.service.handle([body])
-                self.answer(response.status, response.content_type, response.body)
+        def fail(status: int, kind: str, message: str) -> tuple[int, dict, None]:
+            return status, {"code": status, "type": kind, "message": message}, None
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/predictions/spade"
+        if h.command != "POST":
+            return fail(405, "MethodNotAllowedException", f"{h.command} is not allowed")
+        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+        self.seen.append((h.headers.get("Authorization"), body))
+        if h.path != "/predictions/spade":
+            return fail(404, "ModelNotFoundException", f"Model not found: {h.path}")
+        if h.headers.get("Authorization") != f"Bearer {self.token}":
+            return fail(401, "InvalidKeyException", "Token Authorization failed. Token either incorrect")
+        if self.mode == "fail":
+            return fail(500, "InternalServerException", "Worker died.")
+        if self.mode == "slow":
+            time.sleep(1.0)
+        if body == {"describe": True}:
+            if self.mode == "old":  # a service from before 'describe'
+                return 400, {"error": "unknown field(s) 'describe'; accepted: label, ...", "status": 400}, None
+            return 200, self.service.info(), None
+        (response,) = self.service.handle([body])
+        return response.status, response.body, response.content_type
 
 
 @pytest.fixture(scope="module")
 def torchserve(service):
-    fake = FakeTorchServe(service)
-    with serving(fake.server):
+    with FakeTorchServe(service) as fake:
         yield fake
 
 
