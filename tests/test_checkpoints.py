@@ -1,9 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import reference_forward as ref
 from official_states import random_state
-from spade.checkpoints import Checkpoint, convert_official
+from spade.checkpoints import NETWORKS, Checkpoint, convert_official
 from spade.config import ModelConfig
 from spade.errors import SpadeError
 from spade.labels import semantic_input
@@ -68,6 +71,48 @@ def test_encoder_checkpoints_round_trip_and_match_the_reference(tmp_path):
     ref_mu, _ = ref.encoder(e_state, image)
     expected = ref.generator(g_state, seg, latent=(8, 8), more=False, z=ref_mu)
     assert (ours - expected).abs().max().item() <= 1e-4
+
+
+def test_loading_does_not_draw_random_weights_or_move_the_global_rng():
+    """Networks are built on the meta device and filled from the state: no initialisation to pay for, and
+    loading a model leaves torch's global random stream where it was (the generator side, the folded
+    inference generator, the encoder and the discriminator)."""
+    from spade.synthesize import Synthesizer
+
+    cfg = ModelConfig.from_preset("coco", use_vae=True, ngf=8, ndf=8, crop_size=64)
+    torch.manual_seed(5)
+    states = {name: NETWORKS[name].from_config(cfg).state_dict() for name in ("generator", "encoder", "discriminator")}
+    ckpt = Checkpoint(config=cfg, **states)
+
+    def draws_after(load) -> torch.Tensor:  # noqa: ANN001
+        torch.manual_seed(0)
+        load()
+        return torch.rand(4)
+
+    untouched = draws_after(lambda: None)
+    for name in ("generator", "encoder", "discriminator"):
+        net = ckpt.build(name)
+        assert torch.equal(draws_after(lambda n=name: ckpt.build(n)), untouched), name
+        state = net.state_dict()
+        assert all(not t.is_meta and torch.equal(t, states[name][k]) for k, t in state.items()), name
+    assert torch.equal(draws_after(lambda: Synthesizer(ckpt, precision="float32")), untouched)
+
+
+def test_loading_a_model_does_not_import_the_compiler_stack(tmp_path):
+    """Building on the meta device must not draw random numbers there: torch's reference ops would import
+    torch._dynamo (most of a second at every serving worker's start) for values the state replaces."""
+    from spade.nn import SPADEGenerator
+
+    cfg = ModelConfig.from_preset("coco", use_vae=True, ngf=8, crop_size=64)
+    path = Checkpoint(config=cfg, generator=SPADEGenerator.from_config(cfg).state_dict()).save(tmp_path / "m.pt")
+    code = (
+        "import sys; from spade.synthesize import Synthesizer; before = 'torch._dynamo' in sys.modules; "
+        "[Synthesizer.from_file(sys.argv[1], precision=p, fast=f) for p in ('float32', 'bfloat16') for f in (0, 1)]; "
+        "print(before, 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    before, after = out.split()
+    assert after == before, "loading a checkpoint imported torch._dynamo"
 
 
 def test_discriminator_is_kept_for_fine_tuning(tmp_path):

@@ -74,24 +74,27 @@ def memory_format_for(dtype: torch.dtype) -> torch.memory_format:
     return torch.contiguous_format if dtype == torch.float32 else torch.channels_last
 
 
+def _holding(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, **to: object) -> nn.Module:
+    """`module`, built on the meta device (no random initialisation to pay for), given frozen copies of
+    `weight` and `bias` converted as `to` says (dtype, memory_format)."""
+    module.weight = nn.Parameter(weight.detach().to(copy=True, **to), requires_grad=False)
+    to.pop("memory_format", None)
+    module.bias = None if bias is None else nn.Parameter(bias.detach().to(copy=True, **to), requires_grad=False)
+    return module
+
+
 def _plain_conv(conv: nn.Conv2d, dtype: torch.dtype) -> nn.Conv2d:
     """A plain Conv2d holding `conv`'s effective weight, in `dtype` and its memory format."""
-    weight = effective_weight(conv)
-    out = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        bias=conv.bias is not None,
-        device=weight.device,
-    )
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        if conv.bias is not None:
-            out.bias.copy_(conv.bias.detach())
-    out.requires_grad_(False)
-    return out.to(dtype=dtype, memory_format=memory_format_for(dtype))
+    with torch.device("meta"):
+        out = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+        )
+    return _holding(out, effective_weight(conv), conv.bias, dtype=dtype, memory_format=memory_format_for(dtype))
 
 
 def onehot_table(weight: torch.Tensor, bias: torch.Tensor | None, n_onehot: int, edge: bool) -> torch.Tensor:
@@ -350,9 +353,9 @@ class InferenceGenerator(nn.Module):
         self.use_vae, self.z_dim, self.sh, self.sw = g.use_vae, g.z_dim, g.sh, g.sw
         spade = dict(n_onehot=n_onehot, use_edge=use_edge, dtype=dtype)
         if g.use_vae:
-            self.fc = nn.Linear(g.fc.in_features, g.fc.out_features).requires_grad_(False)
-            self.fc.load_state_dict(g.fc.state_dict())
-            self.fc.to(dtype)
+            with torch.device("meta"):
+                fc = nn.Linear(g.fc.in_features, g.fc.out_features)
+            self.fc = _holding(fc, g.fc.weight, g.fc.bias, dtype=dtype)
         else:
             self.fc = OneHotConv.from_conv(g.fc, **spade)
         names = ["head_0", "G_middle_0", "G_middle_1", "up_0", "up_1", "up_2", "up_3"]

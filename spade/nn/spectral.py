@@ -25,8 +25,14 @@ class SpectralNormConv2d(nn.Conv2d):
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         height, width = weight.shape[0], weight[0].numel()
-        self.register_buffer("weight_u", F.normalize(weight.new_empty(height).normal_(), dim=0, eps=eps))
-        self.register_buffer("weight_v", F.normalize(weight.new_empty(width).normal_(), dim=0, eps=eps))
+        self.register_buffer("weight_u", self._random_unit(weight, height))
+        self.register_buffer("weight_v", self._random_unit(weight, width))
+
+    def _random_unit(self, weight: torch.Tensor, n: int) -> torch.Tensor:
+        """The power iteration's starting vector; on the meta device (a network its state fills) only a shape:
+        drawing there costs nothing but first imports torch._dynamo, most of a second."""
+        vector = weight.new_empty(n)
+        return vector if vector.is_meta else F.normalize(vector.normal_(), dim=0, eps=self.eps)
 
     def normalized_weight(self) -> torch.Tensor:
         # sigma in float32 even under autocast: the power iteration writes into float32 buffers
