@@ -460,6 +460,11 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({w}x{h})")
 
 
+def _main_of(module: str):  # noqa: ANN202
+    """The `main(args)` of `module`, imported when the command runs, not when the CLI starts."""
+    return lambda args: importlib.import_module(module).main(args)
+
+
 COMMANDS = {
     "presets": cmd_presets,
     "train": cmd_train,
@@ -471,17 +476,12 @@ COMMANDS = {
     "segmenter": cmd_segmenter,
     "convert-official": cmd_convert_official,
     "synthesize": cmd_synthesize,
-    "pipeline": lambda args: importlib.import_module("pipelines.cli").main(args),
-    "fetch": lambda args: importlib.import_module("spade.data.fetch").main(args),
-    "package": lambda args: _serve_main("package", args),
-    "register": lambda args: _serve_main("register", args),
-    "studio": lambda args: _serve_main("studio", args),
+    "pipeline": _main_of("pipelines.cli"),
+    "fetch": _main_of("spade.data.fetch"),
+    "package": _main_of("spade.serve.package"),
+    "register": _main_of("spade.serve.register"),
+    "studio": _main_of("spade.serve.studio"),
 }
-
-
-def _serve_main(name: str, args: argparse.Namespace) -> int | None:
-    module = importlib.import_module(f"spade.serve.{name}")
-    return module.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
