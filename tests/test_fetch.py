@@ -209,6 +209,7 @@ class FileServer(FakeServer):
     def __init__(self, body: bytes, *, ranges: bool = True, drops: int = 0, drop_after: int = 0) -> None:
         self.body, self.ranges, self.drops, self.drop_after = body, ranges, drops, drop_after
         self.requests: list[dict] = []
+        self.failures: list[tuple[int, list[tuple[str, str]]]] = []  # (status, headers) answered first
 
     def url(self, name: str) -> str:
         return f"{self.base}/data/{name}"
@@ -217,6 +218,10 @@ class FileServer(FakeServer):
         self.requests.append({"path": h.path, "range": h.headers.get("Range")})
         if not h.path.startswith("/data/"):
             reply(h, 404)
+            return
+        if self.failures:
+            status, headers = self.failures.pop(0)
+            reply(h, status, b"try later", headers)
             return
         status, start, rng = 200, 0, h.headers.get("Range")
         headers = [("ETag", '"v1"')]
@@ -244,7 +249,27 @@ def archive_tgz(builtin, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch):
-    monkeypatch.setattr(fetch_mod.time, "sleep", lambda s: None)
+    """Waits are recorded, not slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(fetch_mod.time, "sleep", waits.append)
+    return waits
+
+
+def test_http_retries_wait_as_the_server_asks_and_give_up_on_final_answers(tmp_path, archive_tgz, _quick_retries):
+    with FileServer(archive_tgz.read_bytes()) as server:
+        server.failures = [(503, [("Retry-After", "3")]), (429, []), (408, [("Retry-After", "bogus")])]
+        result = fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "d", sha256=sha(archive_tgz), progress=False)
+        assert result.layout == "custom"
+        # Retry-After when sent, else 0.2 s doubling per attempt (a header that is no delay counts as none)
+        assert _quick_retries == [3.0, 0.4, 0.8] and len(server.requests) == 4
+        _quick_retries.clear()
+        server.failures = [(501, [("Retry-After", "1")])]
+        with pytest.raises(SpadeError, match="HTTP 501"):
+            fetch_dataset(server.url("landscapes.tar.gz"), tmp_path / "e", progress=False)
+        assert _quick_retries == [] and len(server.requests) == 5  # no second try
+    no_leftovers(tmp_path, "d")
+    no_leftovers(tmp_path, "e")
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("ranges", [True, False], ids=["range", "no-range"])

@@ -39,6 +39,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+from spade.data.http import USER_AGENT, retry_delay, retryable
 from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
 
@@ -49,7 +50,6 @@ SPLITS = ("train", "val")
 IGNORED_TOP = {"__MACOSX"}
 DOWNLOAD_ATTEMPTS = 5
 CHUNK = 1 << 16
-USER_AGENT = "spade-fetch/1.0"
 FLICKR_OPTIONS = (
     "flickr_text",
     "flickr_tags",
@@ -410,16 +410,18 @@ def _download(source: str, work: Path, *, progress: bool) -> Path:
             _http_get(source, part, progress=progress)
             os.replace(part, target)
             return target
-        except (urllib.error.URLError, OSError, _ShortRead) as exc:
-            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
+        except (OSError, _ShortRead) as exc:  # HTTPError and URLError included
+            if isinstance(exc, OSError) and not retryable(exc):
                 part.unlink(missing_ok=True)
-                raise SpadeError(f"cannot download {source}: HTTP {exc.code} {exc.reason}") from None
+                reason = f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError) else str(exc)
+                raise SpadeError(f"cannot download {source}: {reason}") from None
             if attempt == DOWNLOAD_ATTEMPTS - 1:
                 raise SpadeError(
                     f"cannot download {source} ({exc}); the partial file {part} is kept: run again to resume"
                 ) from None
-            print(f"fetch: download of {source} interrupted ({exc}); resuming", file=sys.stderr)
-            time.sleep(min(0.2 * 2**attempt, 5.0))
+            wait = retry_delay(exc, attempt, backoff=0.2)
+            print(f"fetch: download of {source} interrupted ({exc}); resuming in {wait:.1f} s", file=sys.stderr)
+            time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -32,7 +32,6 @@ domain ones, 1,2,3,4,5,6,9,10 (add 11-16 for the CC 4.0 licences)::
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import os
@@ -45,12 +44,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from spade.data.http import USER_AGENT, retry_delay, retryable
 from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
 
 ENDPOINT = "https://api.flickr.com/services/rest/"
 API_KEY_ENV = "FLICKR_API_KEY"
-USER_AGENT = "spade-fetch/1.0 (+https://github.com/NVlabs/SPADE)"
 DEFAULT_LICENSES = "1,2,3,4,5,6,9,10"
 MANIFEST_NAME = "manifest.jsonl"
 IMAGES_DIR = "images"
@@ -66,8 +65,6 @@ SORTS = (
     "interestingness-asc",
 )
 MAX_PER_PAGE = 500
-RETRY_STATUS = (429, 500, 502, 503, 504)
-MAX_BACKOFF = 120.0
 
 LICENSES: dict[str, tuple[str, str]] = {
     "0": ("All Rights Reserved", ""),
@@ -234,33 +231,14 @@ class _Client:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read(), response.geturl()
-            except urllib.error.HTTPError as exc:
-                if exc.code not in RETRY_STATUS or attempt == self.retries:
-                    hint = " (throttled: lower --rate)" if exc.code == 429 else ""
-                    raise SpadeError(f"{what}: HTTP {exc.code} {exc.reason} from {_redact(url)}{hint}") from None
-                delay = _retry_after(exc.headers.get("Retry-After"))
-                if delay is None:
-                    delay = self.backoff * 2**attempt
-            except (urllib.error.URLError, OSError) as exc:
-                if attempt == self.retries:
+            except OSError as exc:  # HTTPError and URLError included
+                if not retryable(exc) or attempt == self.retries:
+                    if isinstance(exc, urllib.error.HTTPError):
+                        hint = " (throttled: lower --rate)" if exc.code == 429 else ""
+                        raise SpadeError(f"{what}: HTTP {exc.code} {exc.reason} from {_redact(url)}{hint}") from None
                     raise SpadeError(f"{what}: cannot reach {_redact(url)}: {exc}") from None
-                delay = self.backoff * 2**attempt
-            _sleep(min(delay, MAX_BACKOFF))
+                _sleep(retry_delay(exc, attempt, backoff=self.backoff))
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _redact(url: str) -> str:
