@@ -2,7 +2,7 @@
 
 Reads the coco preset's training samples (256x256 crops of 286x286 resizes, random flips,
 instance maps) the way `spade train` does: `SegmentationDataset` behind `SeededSamples`
-and the run-long `BatchStream`, in a DataLoader with the trainer's worker settings.
+and the run-long `BatchStream`, through the trainer's own `training_loader`.
 The files are the COCO-Stuff sample's training split (../shared/data/coco_stuff_sample,
 photos of about 640x480) repeated under new names up to --samples, else generated
 640x480 photos and label maps of the same kind.
@@ -38,24 +38,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import SAMPLE_DIR, load_at_start, print_table, write_results  # noqa: E402
 from machine import describe  # noqa: E402
+from synthesis import voronoi_regions  # noqa: E402
 
 from spade.config import DataConfig, ModelConfig  # noqa: E402
 from spade.data.dataset import SegmentationDataset, build_dataset, read_photo  # noqa: E402
 from spade.data.transforms import plan, transform_ids, transform_image  # noqa: E402
 from spade.devices import usable_cpus  # noqa: E402
 from spade.labels import read_id_map, to_class_ids  # noqa: E402
-from spade.train.distributed import BatchStream, DistInfo, GlobalBatchSampler, SeededSamples  # noqa: E402
-from spade.train.loop import _ignore_stop_signals  # noqa: E402
+from spade.train.distributed import BatchStream, DistInfo, GlobalBatchSampler  # noqa: E402
+from spade.train.loop import training_loader  # noqa: E402
 
 OUT = "benchmarks/results/data_loading.json"
 TRAIN_STEP = Path(__file__).resolve().parent / "results" / "train_step.json"
 STEPS = ("label map", "instance map", "photo decode", "label geometry", "photo geometry", "to float")
 GENERATED_SIZE = (640, 480)
+CPU = torch.device("cpu")
 
 
 def build_folder(root: Path, samples: int, sample_dir: Path) -> str:
@@ -74,13 +75,10 @@ def build_folder(root: Path, samples: int, sample_dir: Path) -> str:
         return f"the COCO-Stuff sample's {len(stems)} training samples ({sample_dir}), repeated"
     rng = np.random.default_rng(0)
     w, h = GENERATED_SIZE
-    ys, xs = np.mgrid[0:h, 0:w]
     for i in range(samples):
-        points = rng.uniform((0, 0), (h, w), size=(24, 2))
-        nearest = np.argmin((ys[..., None] - points[:, 0]) ** 2 + (xs[..., None] - points[:, 1]) ** 2, axis=-1)
-        classes = rng.integers(0, 182, size=24).astype(np.uint8)
-        Image.fromarray(classes[nearest]).save(root / "train_label" / f"{i:05d}.png")
-        Image.fromarray(nearest.astype(np.uint8)).save(root / "train_inst" / f"{i:05d}.png")
+        label, region = voronoi_regions(h, w, 182, seed=i)
+        Image.fromarray(label.astype(np.uint8)).save(root / "train_label" / f"{i:05d}.png")
+        Image.fromarray(region.astype(np.uint8)).save(root / "train_inst" / f"{i:05d}.png")
         photo = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
         Image.fromarray(photo).resize((w, h), Image.Resampling.BICUBIC).save(
             root / "train_img" / f"{i:05d}.jpg", quality=90
@@ -114,21 +112,11 @@ def step_costs(dataset: SegmentationDataset, passes: int) -> dict:
     return {k: round(1000 * statistics.median(v), 3) for k, v in times.items()}
 
 
-def loader(dataset: SegmentationDataset, sampler, workers: int) -> DataLoader:  # noqa: ANN001
-    """The trainer's DataLoader (spade/train/loop.py), on the CPU: no pinned memory."""
-    return DataLoader(
-        SeededSamples(dataset),
-        batch_sampler=sampler,
-        num_workers=workers,
-        worker_init_fn=_ignore_stop_signals if workers else None,
-    )
-
-
 def throughput(dataset: SegmentationDataset, workers: int, batch: int, batches: int) -> dict:
     """Samples/s over `batches` batches after the first, and the wait for the first (worker start-up)."""
     stream = BatchStream(len(dataset), batch, info=DistInfo(), seed=0, epoch=0)
     t0 = time.perf_counter()
-    batches_iter = iter(loader(dataset, stream, workers))
+    batches_iter = iter(training_loader(dataset, stream, workers, CPU))
     next(batches_iter)
     first = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -152,12 +140,12 @@ def epochs_compared(dataset: SegmentationDataset, workers: int, batch: int, epoc
     t0 = time.perf_counter()
     for epoch in range(epochs):
         sampler = GlobalBatchSampler(len(dataset), batch, info=DistInfo(), seed=0, epoch=epoch)
-        for _ in loader(dataset, sampler, workers):
+        for _ in training_loader(dataset, sampler, workers, CPU):
             pass
     restarted = time.perf_counter() - t0
     t0 = time.perf_counter()
     stream = BatchStream(len(dataset), batch, info=DistInfo(), seed=0, epoch=0)
-    batches = iter(loader(dataset, stream, workers))
+    batches = iter(training_loader(dataset, stream, workers, CPU))
     for _ in range(epochs * per_epoch):
         next(batches)
     del batches
@@ -183,7 +171,7 @@ def training_demand() -> dict | None:
         return None
     best = min(coco, key=lambda r: r["median_s"] / r["batch"])
     return {
-        "from": str(TRAIN_STEP.relative_to(Path.cwd()) if TRAIN_STEP.is_relative_to(Path.cwd()) else TRAIN_STEP),
+        "from": str(TRAIN_STEP),
         "device": recorded.get("device"),
         "case": {k: best[k] for k in ("batch", "precision", "channels_last")},
         "s_per_iteration": best["median_s"],
@@ -268,7 +256,7 @@ def main() -> None:
         "benchmark": "data_loading",
         "machine": describe(),
         "load_average_at_start": load,
-        "config": {"preset": "coco", "output_size": list(cfg.output_size), **{"load_size": data_cfg.load_size}},
+        "config": {"preset": "coco", "output_size": list(cfg.output_size), "load_size": data_cfg.load_size},
         "data": {"samples": len(dataset), "made_of": made_of},
         "torch_threads": torch.get_num_threads(),
         "step_ms": steps,

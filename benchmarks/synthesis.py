@@ -78,15 +78,19 @@ def sample_pairs(sample_dir: Path) -> list[tuple[Path, Path]]:
     return [(p, sample_dir / "val_inst" / p.name) for p in labels if (sample_dir / "val_inst" / p.name).is_file()]
 
 
-def voronoi_map(cfg: ModelConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A blocky (1, H, W) label map and its instance map: Voronoi regions of random points, random classes."""
+def voronoi_regions(h: int, w: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) class ids and region ids: the Voronoi regions of VORONOI_SEEDS random points, random classes."""
     rng = np.random.default_rng(seed)
-    h, w = cfg.output_size
     points = rng.uniform((0, 0), (h, w), size=(VORONOI_SEEDS, 2))
     yy, xx = np.mgrid[0:h, 0:w]
     region = ((yy[..., None] - points[:, 0]) ** 2 + (xx[..., None] - points[:, 1]) ** 2).argmin(-1)
-    classes = rng.integers(0, cfg.label_nc, VORONOI_SEEDS)
-    return torch.from_numpy(classes[region])[None], torch.from_numpy(region)[None]
+    return rng.integers(0, classes, VORONOI_SEEDS)[region], region
+
+
+def voronoi_map(cfg: ModelConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A blocky (1, H, W) label map at the model's size and its instance map (`voronoi_regions`)."""
+    label, region = voronoi_regions(*cfg.output_size, cfg.label_nc, seed)
+    return torch.from_numpy(label)[None], torch.from_numpy(region)[None]
 
 
 def label_maps(cfg: ModelConfig, batch: int, sample_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:

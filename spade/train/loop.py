@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from spade.checkpoints import Checkpoint
@@ -109,6 +109,18 @@ def loader_workers(setting: int | str, device: torch.device, local_processes: in
     if local_processes is None:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(MAX_AUTO_WORKERS, usable_cpus() // max(1, local_processes) - 1))
+
+
+def training_loader(dataset: Dataset, sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
+    """The DataLoader training reads: each sample under its own augmentation seed (`SeededSamples`, the
+    sampler yields (index, seed) batches), pinned memory for a GPU, workers that leave stop signals alone."""
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_stop_signals if workers else None,
+    )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -243,13 +255,7 @@ def train(
         )
         if batch_in_epoch >= stream.batches_per_epoch:  # a checkpoint from the end of an epoch
             epoch, batch_in_epoch = epoch + 1, 0
-        loader = DataLoader(
-            SeededSamples(dataset),
-            batch_sampler=stream,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=_ignore_stop_signals if workers else None,
-        )
+        loader = training_loader(dataset, stream, workers, device)
         history: list[dict] = []
         it = start_iter
         last_ckpt: str | None = None

@@ -165,20 +165,19 @@ class TrainStep:
 
     def __call__(self, seg: torch.Tensor, real: torch.Tensor, iteration: int) -> dict[str, torch.Tensor]:
         """Run the steps for `iteration`; returns the loss terms (detached tensors)."""
+        objective = self.objective
         logged: dict[str, torch.Tensor] = {}
-        if iteration % self.objective.train_cfg.d_steps_per_g == 0:
-            self.opt_g.zero_grad(set_to_none=True)
-            with autocast_for(self.precision, self.device):
-                g_losses = self.objective.generator_losses(self.g_model, self.d_model, seg, real)
-            self.scaler_g.scale(sum(g_losses.values())).backward()
-            self.scaler_g.step(self.opt_g)
-            self.scaler_g.update()
-            logged.update(g_losses)
-        self.opt_d.zero_grad(set_to_none=True)
-        with autocast_for(self.precision, self.device):
-            d_losses = self.objective.discriminator_losses(self.g_model, self.d_model, seg, real)
-        self.scaler_d.scale(sum(d_losses.values())).backward()
-        self.scaler_d.step(self.opt_d)
-        self.scaler_d.update()
-        logged.update(d_losses)
+        if iteration % objective.train_cfg.d_steps_per_g == 0:
+            logged.update(self._step(objective.generator_losses, self.opt_g, self.scaler_g, seg, real))
+        logged.update(self._step(objective.discriminator_losses, self.opt_d, self.scaler_d, seg, real))
         return {k: v.detach() for k, v in logged.items()}
+
+    def _step(self, losses, opt, scaler, seg, real) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        """One optimiser step on the sum of `losses(G, D, seg, real)`; returns the terms."""
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(self.precision, self.device):
+            terms = losses(self.g_model, self.d_model, seg, real)
+        scaler.scale(sum(terms.values())).backward()
+        scaler.step(opt)
+        scaler.update()
+        return terms
