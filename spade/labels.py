@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from spade.config import ModelConfig
-from spade.data.suffixes import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported
 from spade.errors import SpadeError
 
 DONTCARE_VALUE = 255

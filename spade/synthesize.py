@@ -18,8 +18,9 @@ from PIL import Image, UnidentifiedImageError
 
 from spade.checkpoints import Checkpoint
 from spade.config import ModelConfig
+from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
-from spade.labels import IMAGE_SUFFIXES, class_ids_and_edges, one_hot_input, read_id_map, to_class_ids
+from spade.labels import class_ids_and_edges, one_hot_input, read_id_map, to_class_ids
 from spade.nn.inference import InferenceGenerator
 from spade.precision import DTYPES, autocast_for, resolve_precision
 

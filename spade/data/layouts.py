@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spade.config import DataConfig
+from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
-from spade.labels import IMAGE_SUFFIXES
 
 MAX_LISTED = 10
 ADE20K_SPLITS = {"train": "training", "val": "validation"}
