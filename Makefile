@@ -25,16 +25,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
 
-# System tools the suite drives for real: Chromium (the painter page) and Java 17 (TorchServe).
-tools:
-	@command -v chromium >/dev/null || { \
-	  echo "installing Debian's chromium for the browser tests"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
-	@command -v java >/dev/null || { echo "TorchServe needs Java 17: apt-get install openjdk-17-jre-headless"; exit 1; }
+# System tools the suite drives for real: Chromium (the painter page), Java 17 (TorchServe), kubectl with
+# kustomize >= 5 (the manifests); installed when missing (scripts/provision-tools.sh).
+tools: $(STAMP)
+	VENV=$(VENV) bash scripts/provision-tools.sh
 
+# The whole suite (what CI runs); $(VENV)/bin first on PATH for the tools installed there.
 test: lint tools
-	$(PY) -m pytest
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format $(CODE)

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import torch
 
-from spade.precision import bf16_supported
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from spade.precision import bf16_supported, cpu_kind, cpu_model, describe_cpu
 
 
 def describe() -> dict:
+    kind = cpu_kind()
     info = {
         "cpu": cpu_model(),
+        "cpu_isa": kind["isa"],
+        "cpu_isa_cap": kind["isa_cap"],
+        "cpu_kind": describe_cpu(kind),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

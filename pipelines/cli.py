@@ -17,8 +17,8 @@ EXAMPLES = """examples:
   spade pipeline compile --out spade-training.yaml --pvc spade-workspace \\
       --secret mlflow-s3:AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY \\
       --node-selector nvidia.com/gpu.present=true --toleration nvidia.com/gpu:NoSchedule
-  spade pipeline run --local --source data/builtin --set train.iterations=50   # kfp.local, in subprocesses here
-  spade pipeline run --local --source photos.tar.gz --arg segmenter_weights=runs/segmenter/small_segmenter.pt
+  spade pipeline run --source data/builtin --set train.iterations=50   # kfp.local, in subprocesses here
+  spade pipeline run --source photos.tar.gz --arg segmenter_weights=runs/segmenter/small_segmenter.pt
   spade pipeline submit --host http://localhost:8080 --source s3://datasets/landscapes.tar.gz \\
       --nodes 2 --gpus-per-node 4 --pvc spade-workspace --secret mlflow-s3:AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY \\
       --set register.store=s3://models/spade --arg segmenter_weights=s3://weights/small_segmenter.pt \\
@@ -145,7 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_cluster(p)
 
     p = add("run", "Run the training pipeline here with kfp.local (each task a subprocess of this Python).")
-    p.add_argument("--local", action="store_true", required=True, help="run locally (required; `submit` for a cluster)")
     p.add_argument("--pipeline-root", type=Path, default=Path(DEFAULT_PIPELINE_ROOT), help="artifacts folder")
     _add_params(p)
     _add_arguments(p)

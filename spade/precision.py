@@ -9,6 +9,9 @@ float32, the exact path.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -27,6 +30,38 @@ def bf16_supported(device: torch.device | str) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_kind() -> dict:
+    """What the CPU kernels of this process run on: the model, the vector ISA PyTorch dispatches to
+    (AVX512, AVX2, ...), whether bf16 products run natively (what `auto` follows), and any ISA cap set
+    in the environment (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), so a figure says what produced it."""
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        isa = "unknown"
+    capped = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)}
+    return {"model": cpu_model(), "isa": isa, "bf16_native": bf16_supported("cpu"), "isa_cap": capped or None}
+
+
+def describe_cpu(kind: dict | None = None) -> str:
+    """One line: 'AMD EPYC 9R14, AVX512, bf16 native' (with the cap when the environment sets one)."""
+    kind = kind or cpu_kind()
+    line = f"{kind['model']}, {kind['isa']}, bf16 {'native' if kind['bf16_native'] else 'not native'}"
+    if kind.get("isa_cap"):
+        line += " (capped: " + ", ".join(f"{k}={v}" for k, v in kind["isa_cap"].items()) + ")"
+    return line
 
 
 def resolve_precision(

@@ -18,6 +18,20 @@ def shared_path(*parts: str) -> Path | None:
     return p if p.exists() else None
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which CPU ran the numerics (tolerances come from error bounds, but `auto` picks bf16 only where it is
+    native), and, once, that the shared COCO-Stuff sample is absent and generated data stands in for it."""
+    from spade.precision import describe_cpu
+
+    lines = [f"cpu: {describe_cpu()}"]
+    if shared_path("data", "coco_stuff_sample") is None:
+        lines.append(
+            f"shared data: {SHARED / 'data' / 'coco_stuff_sample'} is absent; tests use a generated sample "
+            "in the COCO-Stuff layout (and the vendored spec files) instead"
+        )
+    return lines
+
+
 def make_coco_stuff_sample(root: Path, *, n_val: int = 3, size: tuple[int, int] = (96, 72), seed: int = 0) -> Path:
     """A small dataset in the COCO-Stuff layout: {val}_img/*.jpg, _label/*.png (uint8 ids, 255 unlabeled),
     _inst/*.png (instance ids); regions are blocks of stuff/thing classes, like the real maps."""

@@ -1,11 +1,20 @@
 """The fast inference paths agree with the reference float32 eager generator, on every preset.
 
-float32 folded/fused: max abs difference <= 1e-5 from the exact answer (the eager
-generator run in float64) on images in [-1, 1]. The float32 eager generator is
-itself up to about 1e-5 from it (ade20k), so folded and eager float32 are held to
-2e-5 of each other. bfloat16: PSNR >= 30 dB against float32 eager. Weights are PyTorch's default
-initialisation with batch-norm statistics measured on label maps, so images use
-the whole [-1, 1] range and the bounds mean something.
+float32 folded/fused, the bound and why: both paths evaluate the same function in float32, and each
+output is the end of a chain of convolutions whose sums run over K = C_in * k * k terms (up to
+1024 * 9 here) of values of every magnitude. Float32 rounding error of such a sum grows with K and with
+sum |w x| (Higham: at most K u sum|w x|, typically sqrt(K) u sum|w x|, u = 2^-24), and the kernels'
+blocking and vector width decide how: the same eager generator is 3e-6 from the exact answer (the
+generator run in float64) with AVX-512 kernels and 1.1e-5 with AVX2 ones. So the bound is not a
+constant: it is the float32 eager generator's own error, measured in the same run on the same CPU and
+inputs (the rounding level of this network on these kernels), times FOLD_SLACK = 4. Folding keeps every
+sum's length (or shortens it: the one-hot table lookup, the folded 1x1 shortcut) and adds one rounding
+per folded weight (the norm's scale multiplied in); measured, the folded error is 0.5x to 1.9x the eager
+one on both kinds of CPU, so 4 leaves room without letting a real mistake through (a dropped term or a
+wrong eps moves outputs by 1e-3 and more). The floor, 16 ulps of 1.0, is where no two float32 programs
+can be asked to agree on an image in [-1, 1]. bfloat16: PSNR >= 30 dB against float32 eager. Weights are
+PyTorch's default initialisation with batch-norm statistics measured on label maps, so images use the
+whole [-1, 1] range and the bounds mean something.
 """
 
 from __future__ import annotations
@@ -24,6 +33,14 @@ from spade.labels import class_ids_and_edges, semantic_input
 from spade.nn import SPADEGenerator
 from spade.nn.inference import InferenceGenerator, LabelPlan, OneHotConv
 from spade.synthesize import Synthesizer
+
+FOLD_SLACK = 4  # folded float32 error <= this x the eager float32 error (see the module docstring)
+FLOAT32_FLOOR = 16 * 2.0**-23  # 16 ulps of 1.0
+
+
+def float32_bound(eager_error: float) -> float:
+    """The largest error from the exact answer allowed for a float32 fast path, from the eager one's."""
+    return FOLD_SLACK * max(eager_error, FLOAT32_FLOOR)
 
 # each preset's classes, don't-care, instance edges, resolution and upsampling; ngf 16 (a quarter of the
 # width) keeps the suite quick: benchmarks/synthesis.py compares the full-width coco generator too
@@ -122,8 +139,12 @@ def test_float32_folded_generator_matches_the_eager_one(case, branch, monkeypatc
     monkeypatch.setattr(fast, "FORCE_GATHER", branch == "gathered")
     out = run_fast(cfg, g, label, instance, z, torch.float32)
     assert out.shape == reference.shape and out.dtype == torch.float32
-    assert (out.double() - exact).abs().max().item() <= 1e-5
-    assert (out - reference).abs().max().item() <= 2e-5
+    eager_error = (reference.double() - exact).abs().max().item()
+    bound = float32_bound(eager_error)
+    error = (out.double() - exact).abs().max().item()
+    assert error <= bound, f"folded float32 is {error:.3g} from float64; eager float32 is {eager_error:.3g}"
+    # and so, by the triangle inequality, from the eager float32 output
+    assert (out.double() - reference.double()).abs().max().item() <= bound + eager_error
 
 
 def test_bfloat16_fast_path_is_within_30_db_of_float32(case):
@@ -149,7 +170,10 @@ def test_folding_leaves_the_generator_and_its_checkpoint_untouched():
     assert torch.equal(synth.synthesize(label), by_hand)
     eager = Synthesizer(Checkpoint(config=cfg, generator=before), precision="float32", fast=False)
     assert isinstance(eager.generator, SPADEGenerator)
-    assert (eager.synthesize(label) - by_hand).abs().max() <= 1e-5
+    with torch.inference_mode():
+        exact = copy.deepcopy(g).double()(semantic_input(label, cfg).double())
+    eager_error = (eager.synthesize(label).double() - exact).abs().max().item()
+    assert (by_hand.double() - exact).abs().max().item() <= float32_bound(eager_error)
 
 
 def test_label_map_is_resized_once_per_resolution(monkeypatch):
@@ -185,7 +209,11 @@ def test_one_hot_table_lookup_is_the_convolution(k, edge):
     lookup = OneHotConv.from_conv(conv, n_onehot=n_onehot, use_edge=edge, dtype=torch.float32)
     plan = LabelPlan(ids, edges, n_onehot=n_onehot, use_edge=edge)
     with torch.no_grad():
-        assert (lookup(plan.at((9, 13))) - conv(dense)).abs().max() <= 1e-5
+        # both sum the same K = C_in k k products and the bias in float32 (most are zeros of the one-hot
+        # input), each within K u (sum |w x| + |b|) of the exact sum (Higham's bound, u = 2^-24)
+        magnitude = F.conv2d(dense, conv.weight.abs(), conv.bias.abs(), padding=k // 2)
+        bound = 2 * conv.weight[0].numel() * 2.0**-24 * magnitude
+        assert ((lookup(plan.at((9, 13))) - conv(dense)).abs() <= bound).all()
 
 
 def test_boundary_pixels_are_those_whose_window_is_not_one_class_inside_the_image():

@@ -264,8 +264,29 @@ def test_handler_adapts_torchserve_rows_and_sets_status_per_request(tmp_path):
     out = handler.handle(rows, ctx)
     assert [ctx.status[i][0] for i in range(3)] == [200, 400, 200]
     assert ctx.headers[0]["content-type"] == "image/png" and ctx.headers[1]["content-type"] == "application/json"
-    assert ctx.headers[2][BATCH_HEADER] == "3"
+    # two valid requests shared one forward pass; the bad one was in TorchServe's batch but not in it
+    assert ctx.headers[0][BATCH_HEADER] == ctx.headers[2][BATCH_HEADER] == "2"
+    assert BATCH_HEADER not in ctx.headers[1]
     assert decode(out[0]).shape == (32, 32, 3) and "error" in json.loads(out[1])
+
+
+def test_batch_header_counts_the_images_of_each_forward_pass(tmp_path, monkeypatch):
+    make_checkpoint().save(tmp_path / "model.pt")
+    ctx = FakeContext(tmp_path, {"handler": {"precision": "float32", "max_batch": 2}})
+    handler = SpadeHandler()
+    handler.initialize(ctx)
+    forwards: list[int] = []  # the batch size of every forward pass the synthesizer really ran
+    real = handler.service.synthesizer.synthesize
+
+    def counting(label, *args, **kwargs):
+        forwards.append(label.shape[0])
+        return real(label, *args, **kwargs)
+
+    monkeypatch.setattr(handler.service.synthesizer, "synthesize", counting)
+    good = png(label_map())
+    handler.handle([{"body": good}] * 3 + [{"body": b'{"describe": true}'}], ctx)
+    assert forwards == [2, 1]  # max_batch 2: three images in two forward passes
+    assert [ctx.headers[i].get(BATCH_HEADER) for i in range(4)] == ["2", "2", "1", None]
 
 
 def test_handler_rejects_unknown_settings(tmp_path):

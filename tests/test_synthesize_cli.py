@@ -17,7 +17,7 @@ from spade.cli import main
 from spade.config import ModelConfig
 from spade.labels import semantic_input
 from spade.nn import ConvEncoder, SPADEGenerator
-from spade.synthesize import prepare_label, read_rgb
+from spade.synthesize import prepare_label
 
 SPADE_BIN = Path(sys.executable).parent / "spade"
 
@@ -214,8 +214,14 @@ def test_seeds_give_different_images_and_style_uses_the_encoded_mean(tiny_vae, c
     ckpt = Checkpoint.load(tiny_vae)
     cfg = ckpt.config
     item = prepare_label(cfg, label, inst)
+    # the style image as the reference's test transform reads it, written here with PIL alone: RGB, bicubic
+    # resize to the model's (height, width), then (x / 255 - 0.5) / 0.5 per channel
+    h, w = cfg.output_size
+    with Image.open(style) as img:
+        pixels = np.asarray(img.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float64)
+    style_input = torch.from_numpy((pixels / 255.0 - 0.5) / 0.5).float().permute(2, 0, 1)
     with torch.no_grad():
-        mu, _ = ckpt.build_encoder()(read_rgb(style, cfg.output_size)[None])
+        mu, _ = ckpt.build_encoder()(style_input[None])
         image = ckpt.build_generator()(semantic_input(item.label[None], cfg, item.instance[None]), mu)
     expected = ((image[0] + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.abs(np.asarray(Image.open(out)).astype(int) - expected.astype(int)).max() <= 1

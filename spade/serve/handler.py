@@ -20,7 +20,7 @@ from spade.serve.service import RequestError, Response, SynthesisService
 
 log = logging.getLogger(__name__)
 RAW_BODY_KEYS = {"body", "data"}
-BATCH_HEADER = "X-Spade-Batch-Size"  # how many requests shared the forward pass that answered this one
+BATCH_HEADER = "X-Spade-Batch-Size"  # images synthesized by the forward pass that answered this request
 HANDLER_SETTINGS = {"precision", "max_pixels", "max_batch", "max_instances"}
 
 
@@ -75,7 +75,8 @@ class SpadeHandler:
             if context is not None:
                 context.set_response_status(response.status, _PHRASES.get(response.status, ""), idx)
                 context.set_response_content_type(idx, response.content_type)
-                context.set_response_header(idx, BATCH_HEADER, str(len(data)))
+                if response.forward_batch:
+                    context.set_response_header(idx, BATCH_HEADER, str(response.forward_batch))
         return [r.body for r in responses]
 
 

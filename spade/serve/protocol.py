@@ -30,6 +30,9 @@ class Response:
     status: int
     content_type: str
     body: bytes
+    # images synthesized by the forward pass that made this answer's image(s) (the largest, when they span
+    # several); 0 when no forward pass made it (an error, a describe answer)
+    forward_batch: int = 0
 
     @classmethod
     def error(cls, err: RequestError) -> Response:

@@ -307,7 +307,11 @@ class SynthesisService:
 
     def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
         """Validated requests -> (H, W, 3) uint8 images, in batches of at most `max_batch` per forward."""
-        out: list[np.ndarray] = []
+        return [image for image, _ in self._synthesize_batched(requests)]
+
+    def _synthesize_batched(self, requests: Sequence[SynthesisRequest]) -> list[tuple[np.ndarray, int]]:
+        """Each request's image and the number of images its forward pass synthesized."""
+        out: list[tuple[np.ndarray, int]] = []
         for start in range(0, len(requests), self.max_batch):
             chunk = requests[start : start + self.max_batch]
             label = torch.stack([r.label for r in chunk])
@@ -317,7 +321,7 @@ class SynthesisService:
             for req, img in zip(chunk, images, strict=True):
                 if req.output_size is not None and req.output_size != (img.shape[1], img.shape[0]):
                     img = np.asarray(Image.fromarray(img).resize(req.output_size, Image.BICUBIC))
-                out.append(img)
+                out.append((img, len(chunk)))
         return out
 
     def _styles(self, chunk: Sequence[SynthesisRequest]) -> torch.Tensor:
@@ -341,7 +345,7 @@ class SynthesisService:
             except RequestError as err:
                 parsed.append(err)
         requests = [r for p in parsed if isinstance(p, _Parsed) for r in p.requests]
-        images = iter(self.synthesize(requests)) if requests else iter(())
+        images = iter(self._synthesize_batched(requests)) if requests else iter(())
         responses = []
         for p in parsed:
             if isinstance(p, RequestError):
@@ -350,12 +354,14 @@ class SynthesisService:
             if isinstance(p, Response):
                 responses.append(p)
                 continue
-            pngs = [encode_png(next(images)) for _ in p.requests]
+            made = [next(images) for _ in p.requests]
+            pngs = [encode_png(image) for image, _ in made]
+            forward_batch = max(size for _, size in made)
             if p.envelope:
                 body = {"predictions": [base64.b64encode(png).decode("ascii") for png in pngs]}
-                responses.append(Response(200, "application/json", json.dumps(body).encode()))
+                responses.append(Response(200, "application/json", json.dumps(body).encode(), forward_batch))
             else:
-                responses.append(Response(200, "image/png", pngs[0]))
+                responses.append(Response(200, "image/png", pngs[0], forward_batch))
         return responses
 
 
