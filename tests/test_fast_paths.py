@@ -42,6 +42,7 @@ def float32_bound(eager_error: float) -> float:
     """The largest error from the exact answer allowed for a float32 fast path, from the eager one's."""
     return FOLD_SLACK * max(eager_error, FLOAT32_FLOOR)
 
+
 # each preset's classes, don't-care, instance edges, resolution and upsampling; ngf 16 (a quarter of the
 # width) keeps the suite quick: benchmarks/synthesis.py compares the full-width coco generator too
 CONFIGS = {

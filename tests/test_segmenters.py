@@ -321,6 +321,7 @@ def test_unreadable_and_non_dict_files_are_refused(tmp_path):
 
 def test_weights_from_an_s3_uri(monkeypatch, tmp_path):
     import moto
+
     for var in ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     for var, value in {
