@@ -7,13 +7,13 @@ import platform
 
 import torch
 
-from spade.precision import bf16_supported, cpu_kind, cpu_model, describe_cpu
+from spade.precision import cpu_kind, describe_cpu
 
 
 def describe() -> dict:
     kind = cpu_kind()
     info = {
-        "cpu": cpu_model(),
+        "cpu": kind["model"],
         "cpu_isa": kind["isa"],
         "cpu_isa_cap": kind["isa_cap"],
         "cpu_kind": describe_cpu(kind),
@@ -22,7 +22,7 @@ def describe() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "bf16_native": bf16_supported("cpu"),
+        "bf16_native": kind["bf16_native"],
         "cuda": None,
     }
     if torch.cuda.is_available():

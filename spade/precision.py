@@ -32,6 +32,11 @@ def bf16_supported(device: torch.device | str) -> bool:
         return False
 
 
+# what caps the instruction set the CPU kernels use (AVX2 here makes an AVX-512 BF16 CPU compute as an
+# AVX2-only one does, bf16 detection included)
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
     try:
@@ -46,12 +51,12 @@ def cpu_model() -> str:
 def cpu_kind() -> dict:
     """What the CPU kernels of this process run on: the model, the vector ISA PyTorch dispatches to
     (AVX512, AVX2, ...), whether bf16 products run natively (what `auto` follows), and any ISA cap set
-    in the environment (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), so a figure says what produced it."""
+    in the environment (oneDNN's, ATen's and MKL's), so a figure says what produced it."""
     try:
         isa = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         isa = "unknown"
-    capped = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)}
+    capped = {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
     return {"model": cpu_model(), "isa": isa, "bf16_native": bf16_supported("cpu"), "isa_cap": capped or None}
 
 

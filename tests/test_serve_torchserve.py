@@ -138,8 +138,18 @@ def test_good_requests_get_pngs_of_the_model_size(server, archive):
 
 
 def test_token_authorization_is_enforced(server):
-    status, _, body = predict(server, png(label_map()), token=False)
-    assert status in (400, 401, 403) and b"Token" in body
+    """TorchServe answers a missing or a wrong inference key with 400 and its InvalidKeyException; the
+    right key (every other test here) gets through."""
+    label = png(label_map())
+    wrong = {"Content-Type": "image/png", "Authorization": "Bearer not-the-key"}
+    for status, _, body in (
+        predict(server, label, token=False),
+        post(f"{server.inference_url}/predictions/{NAME}", label, wrong),
+    ):
+        assert status == 400, body
+        answer = json.loads(body)
+        assert answer["type"] == "InvalidKeyException" and "Token Authorization failed" in answer["message"]
+    assert predict(server, label)[0] == 200
 
 
 def test_bad_requests_get_4xx_json_and_the_worker_survives(server):

@@ -345,7 +345,7 @@ class SynthesisService:
             except RequestError as err:
                 parsed.append(err)
         requests = [r for p in parsed if isinstance(p, _Parsed) for r in p.requests]
-        images = iter(self._synthesize_batched(requests)) if requests else iter(())
+        images = iter(self._synthesize_batched(requests))
         responses = []
         for p in parsed:
             if isinstance(p, RequestError):
