@@ -135,7 +135,9 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     for iteration, name in found:
         ckpt = Checkpoint.load(tmp_path / name)
         assert ckpt.training["iteration"] == iteration and ckpt.generator["w"][0] == iteration
-    assert len(found) <= 2
+    # pruning follows the atomic write, so a kill between the two leaves one more than `keep` (seen: 3 on
+    # a loaded machine); any more would mean old checkpoints are not pruned
+    assert len(found) <= 2 + 1
 
 
 def read_curves(out_dir: Path) -> list[dict]:
