@@ -14,7 +14,7 @@ It reports
   each worker count and batch size;
 - one DataLoader per epoch (the trainer before) against one for the whole run (now),
   over several epochs of a small dataset with workers: the start-up paid at every epoch;
-- what the trainer consumes on this machine, read from benchmarks/results/train_step.json
+- what the trainer consumes on this machine, read from benchmarks/results/<kind of machine>/train_step.json
   (samples per second at the coco preset) when that file is there.
 
 Prints a table and writes JSON with the machine description.
@@ -41,7 +41,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import SAMPLE_DIR, load_at_start, print_table, write_results  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import default_out, describe  # noqa: E402
 from synthesis import voronoi_regions  # noqa: E402
 
 from spade.config import DataConfig, ModelConfig  # noqa: E402
@@ -52,8 +52,7 @@ from spade.labels import read_id_map, to_class_ids  # noqa: E402
 from spade.train.distributed import BatchStream, DistInfo, GlobalBatchSampler  # noqa: E402
 from spade.train.loop import training_loader  # noqa: E402
 
-OUT = "benchmarks/results/data_loading.json"
-TRAIN_STEP = Path(__file__).resolve().parent / "results" / "train_step.json"
+OUT = "data_loading.json"
 STEPS = ("label map", "instance map", "photo decode", "label geometry", "photo geometry", "to float")
 GENERATED_SIZE = (640, 480)
 CPU = torch.device("cpu")
@@ -163,15 +162,16 @@ def epochs_compared(dataset: SegmentationDataset, workers: int, batch: int, epoc
 
 def training_demand() -> dict | None:
     """Samples/s the trainer consumes at the coco preset, from train_step.json's fastest coco case."""
-    if not TRAIN_STEP.is_file():
+    train_step = default_out("train_step.json")
+    if not train_step.is_file():
         return None
-    recorded = json.loads(TRAIN_STEP.read_text())
+    recorded = json.loads(train_step.read_text())
     coco = [r for r in recorded.get("results", []) if r.get("config") == "coco" and "median_s" in r]
     if not coco:
         return None
     best = min(coco, key=lambda r: r["median_s"] / r["batch"])
     return {
-        "from": str(TRAIN_STEP),
+        "from": str(train_step.relative_to(Path(__file__).resolve().parents[1])),
         "device": recorded.get("device"),
         "case": {k: best[k] for k in ("batch", "precision", "channels_last")},
         "s_per_iteration": best["median_s"],
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3, help="passes over the samples for the step costs")
     parser.add_argument("--quick", action="store_true", help="fewer samples, passes and cases: seconds")
     parser.add_argument("--sample-dir", type=Path, default=SAMPLE_DIR, help="the COCO-Stuff sample")
-    parser.add_argument("--out", type=Path, default=Path(OUT))
+    parser.add_argument("--out", type=Path, help=f"results file (default: benchmarks/results/<kind of machine>/{OUT})")
     args = parser.parse_args()
     workers = args.workers if args.workers is not None else list(range(cpus + 1))
     if args.quick:
@@ -264,7 +264,7 @@ def main() -> None:
         "epochs_compared": comparison,
         "training_demand": demand,
     }
-    write_results(args.out, out)
+    write_results(args.out or default_out(OUT), out)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, unit: str, budget: 
     parser.add_argument("--warmup", type=float, default=2.0, help=f"seconds of warm-up {unit} (at least one)")
     parser.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's choice)")
     parser.add_argument("--sample-dir", type=Path, default=SAMPLE_DIR, help="the COCO-Stuff sample")
-    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--out", type=Path, help=f"results file (default: benchmarks/results/<kind of machine>/{out})")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
+
+
+def results_path(args: argparse.Namespace, name: str) -> Path:
+    """--out, else benchmarks/results/<kind of this machine>/<name> (machine.kind_slug: one folder per CPU kind)."""
+    from machine import default_out
+
+    return args.out if args.out is not None else default_out(name, getattr(args, "device", "cpu"))
 
 
 def timing_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, *, budget: float, quick: float) -> dict:

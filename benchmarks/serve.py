@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import default_out, describe  # noqa: E402
 
 from spade.checkpoints import Checkpoint  # noqa: E402
 from spade.config import ModelConfig  # noqa: E402
@@ -143,8 +143,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="TorchServe batch size")
     parser.add_argument("--max-batch-delay", type=int, default=20, help="ms")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
+    parser.add_argument(
+        "--out", type=Path, help="results file (default: benchmarks/results/<kind of machine>/serve.json)"
+    )
     args = parser.parse_args()
+    args.out = args.out or default_out("serve.json")
 
     print(f"{'config':>10} {'clients':>7} {'requests':>8} {'p50 s':>8} {'p95 s':>8} {'img/s':>9} {'errors':>6}")
     records = []

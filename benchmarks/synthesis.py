@@ -39,6 +39,7 @@ from harness import (  # noqa: E402
     memory_after_setup,
     peak_rss_mb,
     print_table,
+    results_path,
     run_worker,
     time_calls,
     timing_settings,
@@ -63,7 +64,7 @@ CONFIGS = {
 }
 PATHS = [f"{precision}-{mode}" for mode in ("eager", "fast") for precision in INFERENCE_PRECISIONS]
 REFERENCE = "float32-eager"
-OUT = "benchmarks/results/synthesis.json"
+OUT = "synthesis.json"
 VORONOI_SEEDS = 20
 
 
@@ -330,7 +331,7 @@ def main() -> None:
     }
     if args.device == "cuda":
         out["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    write_results(args.out, out)
+    write_results(results_path(args, OUT), out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from harness import (  # noqa: E402
     memory_after_setup,
     peak_rss_mb,
     print_table,
+    results_path,
     run_worker,
     time_calls,
     timing_settings,
@@ -59,7 +60,7 @@ from spade.train.objective import (  # noqa: E402
 
 LOSSES = ("G_GAN", "G_feat", "G_VGG", "D_real", "D_fake")
 PRECISIONS = ("float32", "bfloat16", "float16")
-OUT = "benchmarks/results/train_step.json"
+OUT = "train_step.json"
 
 
 def real_images(cfg: ModelConfig, inputs: dict, batch: int, sample_dir: Path) -> tuple[torch.Tensor, str]:
@@ -209,7 +210,7 @@ def main() -> None:
         "train_settings": train_settings(),
         "results": rows,
     }
-    write_results(args.out, out)
+    write_results(results_path(args, OUT), out)
 
 
 if __name__ == "__main__":

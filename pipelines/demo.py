@@ -8,9 +8,11 @@
 """
 
 import json
+import statistics
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.training import PIPELINE_NAME, load_params, run_local
@@ -19,8 +21,107 @@ PHOTOS_ARCHIVE = "builtin-photos.tar.gz"
 LABELED_ARCHIVE = "builtin.tar.gz"
 
 
+# Starting a pipeline task's Python and its imports, and what a task does besides its main loop; measured
+# on the demo's tasks (fetch, pseudolabel, train, evaluate, package-and-register) on 2 cores.
+TASK_START_S = 3.0
+PIPELINE_TASKS = 5
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _seconds_per_call(call: Callable[[], object], calls: int = 3) -> float:
+    """Median seconds of `calls` calls after one warm-up call."""
+    call()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def estimate_seconds(params: dict, *, fit_segmenter: bool) -> dict[str, float]:
+    """How long the demo's stages take on this machine: a few iterations of each stage's own networks,
+    at its own sizes and batch, timed here and multiplied out. Keys: segmenter, pseudolabel, train,
+    evaluate, other (task starts), total; seconds."""
+    import torch
+    import torch.nn.functional as F
+
+    from spade.config import Settings
+    from spade.evaluate.segmenters.small import DEFAULT_WIDTHS, SmallSegNet, _augmented_batch
+    from spade.local_runs import without_missing_vgg
+    from spade.losses import VGGLoss
+    from spade.nn.vgg import VGG19Features
+    from spade.train.objective import (
+        Objective,
+        TrainStep,
+        build_networks,
+        build_optimizers,
+        place,
+        training_numerics,
+    )
+
+    settings = without_missing_vgg(Settings.from_dict(params), note=lambda _: None)
+    mc, tc = settings.model, settings.train
+    seg_cfg = params.get("segmenter") or {}
+    builtin = params.get("builtin") or {}
+    evaluate = params.get("evaluate") or {}
+    g = torch.Generator().manual_seed(0)
+    device = torch.device("cpu")
+    out: dict[str, float] = {}
+
+    size, seg_batch = int(seg_cfg.get("size", 64)), int(seg_cfg.get("batch_size", 16))
+    segnet = SmallSegNet(mc.label_nc, DEFAULT_WIDTHS)
+    if fit_segmenter:
+        images = [(torch.rand(3, size, size, generator=g), torch.randint(mc.label_nc, (size, size))) for _ in range(4)]
+        optimizer = torch.optim.AdamW(segnet.parameters())
+
+        def segmenter_step() -> None:
+            x, y = _augmented_batch(images, size, seg_batch, g)
+            loss = F.cross_entropy(segnet(x), y, ignore_index=255)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        out["segmenter"] = _seconds_per_call(segmenter_step) * int(seg_cfg.get("iterations", 600))
+
+    precision, channels_last = training_numerics(tc, device)
+    gside, disc = build_networks(mc, tc)
+    place(device, channels_last, gside, disc)
+    vgg = VGGLoss(VGG19Features(load=False), tc.lambda_vgg) if tc.vgg_loss else None
+    opt_g, opt_d = build_optimizers(gside, disc, tc)
+    objective = Objective(mc, tc, vgg)
+    step = TrainStep(objective, gside, disc, opt_g, opt_d, precision=precision, device=device)
+    h, w = mc.output_size
+    batch = {
+        "label": torch.randint(mc.label_nc, (tc.batch_size, 1, h, w), generator=g).float(),
+        "image": torch.rand(tc.batch_size, 3, h, w, generator=g) * 2 - 1,
+    }
+    iteration = iter(range(10**9))
+    out["train"] = _seconds_per_call(lambda: step(*objective.inputs(batch, device, channels_last), next(iteration)))
+    out["train"] *= tc.iterations
+
+    # pseudo-labelling and evaluation: the segmenter (and, evaluating, the generator) over every photo
+    with torch.no_grad():
+        segnet.eval()
+        gside.eval()
+        photos = torch.rand(8, 3, size, size, generator=g)
+        per_photo = _seconds_per_call(lambda: segnet(photos)) / 8
+        seg = objective.inputs(batch, device, channels_last)[0]
+        per_image = _seconds_per_call(lambda: gside.generator(seg), calls=2) / tc.batch_size
+    count, val_count = int(builtin.get("count", 300)), int(builtin.get("val_count") or 0)
+    scored = int(evaluate.get("num_samples") or 0) or val_count
+    out["pseudolabel"] = per_photo * (count + val_count)
+    out["evaluate"] = (per_photo + per_image) * scored
+    out["other"] = TASK_START_S * PIPELINE_TASKS
+    out["total"] = sum(out.values())
+    return out
 
 
 def pack(root: Path, archive: Path, *, photos_only: bool) -> Path:
@@ -60,13 +161,23 @@ def run_demo(
     pl_cfg = params.get("pseudolabel") or {}
     weights = Path(pl_cfg.get("weights") or seg_cfg.get("out") or "runs/segmenter/small_segmenter.pt")
 
+    from spade.precision import describe_cpu
+
+    fit = not weights.is_file()
+    estimate = estimate_seconds(params, fit_segmenter=fit)
+    _say(f"on this CPU ({describe_cpu()}) the demo should take about {_duration(estimate['total'])}")
+    _say("(timed from a few iterations of each stage's networks here; stages below say theirs)")
+
     _say(f"[1/3] built-in landscapes -> {data_root}")
     builtin_dataset(params.get("builtin"), data_root)
-    if weights.is_file():
+    if not fit:
         _say(f"      small segmenter: {weights}")
     else:
         iterations = int(seg_cfg.get("iterations", 600))
-        _say(f"      small segmenter: fitting {iterations} iterations -> {weights}")
+        _say(
+            f"      small segmenter: fitting {iterations} iterations (about {_duration(estimate['segmenter'])})"
+            f" -> {weights}"
+        )
         train_small_segmenter(
             data_root,
             weights,
@@ -81,6 +192,12 @@ def run_demo(
     _say(f"[2/3] {what} -> {pack(data_root, archive, photos_only=not labeled)}")
 
     _say(f"[3/3] the training pipeline (kfp.local) -> {pipeline_root}/")
+    iterations = int((params.get("train") or {}).get("iterations", 0))
+    _say(
+        f"      fetch, pseudo-label (about {_duration(estimate['pseudolabel'])}), train {iterations} iterations"
+        f" (about {_duration(estimate['train'])}), evaluate (about {_duration(estimate['evaluate'])}),"
+        f" package and register; about {_duration(estimate['total'] - estimate.get('segmenter', 0.0))} in all"
+    )
     arguments = {
         "source": str(archive),
         "params": params,
@@ -92,7 +209,10 @@ def run_demo(
     }
     run_local(arguments, params=params, pipeline_root=pipeline_root)
     summary = print_summary(pipeline_root, params)
-    _say(f"\ndone in {(time.perf_counter() - start) / 60:.1f} min")
+    elapsed = time.perf_counter() - start
+    _say(f"\ndone in {elapsed / 60:.1f} min (estimated {estimate['total'] / 60:.1f} min)")
+    summary["elapsed_s"] = round(elapsed, 1)
+    summary["estimated_s"] = {k: round(v, 1) for k, v in estimate.items()}
     return summary
 
 

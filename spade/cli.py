@@ -402,8 +402,7 @@ def cmd_convert_official(args: argparse.Namespace) -> None:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
+    from spade.progress import progress_bar
     from spade.synthesize import (
         Synthesizer,
         batched,
@@ -438,7 +437,7 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
         if out_dir.exists() and not out_dir.is_dir():
             raise SpadeError(f"--label is a directory, so --output must be a directory: {out_dir}")
         pairs = pair_by_stem(args.label, args.instance)
-        with tqdm(total=len(pairs), unit="img", desc="synthesize") as bar:
+        with progress_bar(total=len(pairs), unit="img", desc="synthesize") as bar:
             for chunk in batched(pairs, args.batch_size):
                 inputs = [prepare_label(cfg, lab, inst) for lab, inst in chunk]
                 images = to_uint8(synth.synthesize_inputs(inputs, style=style, seed=args.seed))

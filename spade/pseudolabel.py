@@ -47,13 +47,13 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from spade.data.dataset import read_photo
 from spade.data.layouts import describe_problems
 from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
 from spade.evaluate.segmenters.base import Segmentation, Segmenter
+from spade.progress import progress_bar
 
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.jsonl"
@@ -180,7 +180,9 @@ def pseudolabel(
     with (
         open(manifest_path, "a", encoding="utf-8") as manifest,
         ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool,
-        tqdm(total=len(photos), desc=f"pseudolabel ({segmenter.name})", unit="photo", disable=not progress) as bar,
+        progress_bar(
+            total=len(photos), desc=f"pseudolabel ({segmenter.name})", unit="photo", disable=not progress
+        ) as bar,
     ):
 
         def log(record: dict) -> None:

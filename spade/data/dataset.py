@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from spade.config import DataConfig, ModelConfig
 from spade.data.layouts import Sample, describe_problems, find_pairs
 from spade.data.transforms import plan, transform_ids, transform_image
 from spade.errors import SpadeError
 from spade.labels import read_id_map, to_class_ids
+from spade.progress import progress_bar
 
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -78,7 +78,7 @@ def check_samples(
     workers = min(16, 2 * (os.cpu_count() or 1))
     with (
         ThreadPoolExecutor(workers) as pool,
-        tqdm(total=len(samples), desc="checking data", unit="sample", disable=None if progress else True) as bar,
+        progress_bar(total=len(samples), desc="checking data", unit="sample", disable=not progress) as bar,
     ):
         for sample, found in zip(samples, pool.map(lambda s: _check(s, cfg), samples), strict=True):
             if found:

@@ -435,7 +435,7 @@ def _http_get(url: str, part: Path, *, progress: bool) -> None:
     `part.meta` holds the ETag / Last-Modified of the download `part` belongs to (the If-Range validator);
     a part without a readable one is not resumed but started again.
     """
-    from tqdm import tqdm
+    from spade.progress import progress_bar
 
     have = part.stat().st_size if part.exists() else 0
     meta_path = part.with_name(part.name + ".meta")
@@ -471,7 +471,7 @@ def _http_get(url: str, part: Path, *, progress: bool) -> None:
         done = start
         with (
             part.open(mode) as fh,
-            tqdm(
+            progress_bar(
                 total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress
             ) as bar,
         ):

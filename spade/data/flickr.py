@@ -290,7 +290,7 @@ def fetch_flickr(
     `rate` is the most requests per second (API calls and downloads together); `retries` bounds the
     retries of one request. `on_photo` is called with each new manifest record once it is written.
     """
-    from tqdm import tqdm
+    from spade.progress import progress_bar
 
     api_key = api_key or os.environ.get(API_KEY_ENV, "")
     if not api_key:
@@ -326,7 +326,7 @@ def fetch_flickr(
     page, pages = 1, 1
     with (
         manifest_path.open("a") as manifest,
-        tqdm(total=query.count, initial=report.kept, desc="flickr", unit="photo", disable=not progress) as bar,
+        progress_bar(total=query.count, initial=report.kept, desc="flickr", unit="photo", disable=not progress) as bar,
     ):
         while page <= pages and report.kept < query.count:
             url = f"{endpoint}?{urllib.parse.urlencode({**params, 'page': str(page)})}"

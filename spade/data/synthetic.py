@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from spade.errors import SpadeError
+from spade.progress import progress_bar
 
 CLASS_NAMES: tuple[str, ...] = ("sky", "cloud", "mountain", "water", "grass", "tree", "sand", "rock")
 SKY, CLOUD, MOUNTAIN, WATER, GRASS, TREE, SAND, ROCK = range(len(CLASS_NAMES))
@@ -619,7 +619,7 @@ def generate_builtin_dataset(
         for split_id, (split, n) in enumerate(zip(SPLITS, (count, val_count), strict=True))
         for i in range(n)
     ]
-    for split_id, split, i in tqdm(jobs, desc=f"landscapes {size}px", unit="scene", disable=not progress):
+    for split_id, split, i in progress_bar(jobs, desc=f"landscapes {size}px", unit="scene", disable=not progress):
         labels, image = render_scene(np.random.default_rng([seed, split_id, i]), size)
         _save_atomic(Image.fromarray(labels, mode="L"), root / f"{split}_label" / f"{i:06d}.png", format="PNG")
         _save_atomic(

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from spade.config import DataConfig, TrackingConfig
 from spade.errors import SpadeError
+from spade.progress import progress_bar
 
 
 @dataclass
@@ -88,7 +88,7 @@ def evaluate(
         fid_state.use_cache(_real_key(samples, cfg.output_size))
     confusion = ConfusionMatrix(cfg.label_nc, ignore_index=cfg.dontcare_id)
     grid_rows: dict[str, list] = {"label": [], "real": [], "fake": []}
-    with tqdm(total=len(samples), desc="evaluate", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(samples), desc="evaluate", unit="img", disable=not progress) as bar:
         for start_i in range(0, len(samples), batch_size):
             idx = list(range(start_i, min(start_i + batch_size, len(samples))))
             items = [dataset[i] for i in idx]

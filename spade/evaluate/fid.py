@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from torch import Tensor
-from tqdm import tqdm
 
 from spade.data.fingerprint import files_fingerprint
 from spade.errors import SpadeError
@@ -45,6 +44,7 @@ from spade.evaluate.inception import (
     state_dict_digest,
     weights_digest,
 )
+from spade.progress import progress_bar
 from spade.storage import Store, is_s3
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def _model_device(model: FIDInceptionV3 | None) -> torch.device:
 
 def _batches(source: ImageSource, *, batch_size: int, num_workers: int, progress: bool, desc: str) -> Iterator[Tensor]:
     if isinstance(source, Tensor):
-        yield from tqdm(source.split(batch_size), desc=desc, disable=not progress)
+        yield from progress_bar(source.split(batch_size), desc=desc, disable=not progress)
         return
     if isinstance(source, str | Path):
         source = image_files(source)
@@ -174,9 +174,9 @@ def _batches(source: ImageSource, *, batch_size: int, num_workers: int, progress
         loader = torch.utils.data.DataLoader(
             _ImageFiles([Path(p) for p in source]), batch_size=batch_size, shuffle=False, num_workers=num_workers
         )
-        yield from tqdm(loader, desc=desc, disable=not progress)
+        yield from progress_bar(loader, desc=desc, disable=not progress)
         return
-    yield from tqdm(source, desc=desc, disable=not progress)
+    yield from progress_bar(source, desc=desc, disable=not progress)
 
 
 def activation_statistics(

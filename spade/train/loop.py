@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from spade.checkpoints import Checkpoint
 from spade.config import Settings
@@ -30,6 +29,7 @@ from spade.devices import resolve_device, usable_cpus
 from spade.errors import SpadeError
 from spade.losses import VGGLoss
 from spade.nn.vgg import VGG19Features
+from spade.progress import progress_bar
 from spade.train import checkpointing as ckpts
 from spade.train.distributed import (
     BatchStream,
@@ -262,7 +262,7 @@ def train(
         window: dict[str, float] = {}
         window_n, window_t0 = 0, time.perf_counter()
         curves = LossCurves(Path(tc.out_dir) / "loss_curves.csv", start_iter)
-        bar = tqdm(
+        bar = progress_bar(
             total=tc.iterations, initial=start_iter, desc="train", unit="it", disable=not (progress and info.is_main)
         )
         stopped = False
@@ -336,7 +336,8 @@ def train(
                         tracker.log_metrics(metrics, step=it)
                         bar.set_postfix(
                             {k: f"{metrics[k]:.3f}" for k in ("G_GAN", "G_VGG", "D_real", "D_fake") if k in metrics}
-                            | {"img/s": f"{metrics['images_per_sec']:.1f}"}
+                            | {"img/s": f"{metrics['images_per_sec']:.1f}"},
+                            refresh=False,
                         )
                         window, window_n, window_t0 = {}, 0, time.perf_counter()
                     if preview is not None and tc.sample_every and (it % tc.sample_every == 0 or it == tc.iterations):

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from spade.config import DataConfig
 from spade.data.layouts import Sample, find_pairs
@@ -46,6 +45,7 @@ from spade.evaluate.segmenters.inference import (
     to_segmentation,
 )
 from spade.labels import read_id_map
+from spade.progress import progress_bar
 
 NAME = "small"
 FORMAT = "spade-small-segmenter"
@@ -356,7 +356,7 @@ def train_small_segmenter(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
-    bar = tqdm(range(iterations), desc="small segmenter", unit="it", disable=not progress)
+    bar = progress_bar(range(iterations), desc="small segmenter", unit="it", disable=not progress)
     for _ in bar:
         x, y = _augmented_batch(train, size, batch_size, g)
         loss = F.cross_entropy(model(to_input(x, config)), y, ignore_index=IGNORE)
