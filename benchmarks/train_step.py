@@ -46,17 +46,8 @@ from machine import describe  # noqa: E402
 from synthesis import CONFIGS, label_maps, model_config  # noqa: E402
 
 from spade.config import ModelConfig, TrainConfig  # noqa: E402
-from spade.losses import VGGLoss  # noqa: E402
-from spade.nn.vgg import VGG19Features  # noqa: E402
 from spade.synthesize import read_rgb  # noqa: E402
-from spade.train.objective import (  # noqa: E402
-    Objective,
-    TrainStep,
-    build_networks,
-    build_optimizers,
-    place,
-    training_numerics,
-)
+from spade.train.objective import step_for_timing  # noqa: E402
 
 LOSSES = ("G_GAN", "G_feat", "G_VGG", "D_real", "D_fake")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -93,14 +84,8 @@ def worker(spec: dict) -> None:
     image, inputs["images"] = real_images(cfg, inputs, tc.batch_size, sample_dir)
     batch = {"label": label, "image": image} | ({"instance": instance} if instance is not None else {})
 
-    precision, channels_last = training_numerics(tc, device)  # as `spade train` decides them
     torch.manual_seed(tc.seed)
-    gside, disc = build_networks(cfg, tc)
-    place(device, channels_last, gside, disc)
-    vgg = VGGLoss(VGG19Features(load=False).to(device), tc.lambda_vgg) if tc.vgg_loss else None
-    opt_g, opt_d = build_optimizers(gside, disc, tc)
-    objective = Objective(cfg, tc, vgg)
-    step = TrainStep(objective, gside, disc, opt_g, opt_d, precision=precision, device=device)
+    step = step_for_timing(cfg, tc, device)  # as `spade train` sets it up, with its numerics
     memory = memory_after_setup()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,8 +94,7 @@ def worker(spec: dict) -> None:
 
     def one_iteration() -> dict[str, float]:
         nonlocal iteration
-        seg, real = objective.inputs(batch, device, channels_last)
-        logged = step(seg, real, iteration)
+        logged = step(batch, iteration)
         iteration += 1
         return {k: float(v) for k, v in logged.items()}  # the trainer reads every loss, as here
 
@@ -125,7 +109,7 @@ def worker(spec: dict) -> None:
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     result = {
         **{k: spec[k] for k in ("config", "batch", "precision")},
-        "channels_last": channels_last,  # what applied: float32 stays NCHW
+        "channels_last": step.channels_last,  # what applied: float32 stays NCHW
         "threads": torch.get_num_threads(),
         **stats,
         "images_per_s": tc.batch_size / stats["median_s"],

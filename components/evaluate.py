@@ -64,7 +64,6 @@ def evaluate(
         out_dir=evaluation.path,
         seed=seed,
         tracking=settings.tracking,
-        progress=False,
     )
     values = result.metrics
     missing = -1.0  # not measured

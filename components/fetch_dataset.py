@@ -20,7 +20,7 @@ def fetch_dataset(
     from components.runtime import DATASET_ROOT_KEY
     from spade.data.fetch import fetch_dataset as fetch
 
-    result = fetch(source, dataset.path, sha256=sha256 or None, layout=layout, progress=False)
+    result = fetch(source, dataset.path, sha256=sha256 or None, layout=layout)
     dataset.metadata.update(
         {
             DATASET_ROOT_KEY: "",  # the dataset is the artifact's folder itself

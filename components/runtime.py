@@ -122,7 +122,7 @@ def train_local(params: dict, *, data_root: Path, layout: str, out_dir: Path) ->
 
     cfg = without_missing_vgg(train_settings(params, data_root=data_root, out_dir=out_dir, layout=layout), say)
     say(f"training {cfg.train.iterations} iterations on {data_root} -> {out_dir}")
-    result = train(cfg, resume="", progress=False)
+    result = train(cfg, resume="")
     if result.stopped_by_signal or result.final_model is None:
         raise SpadeError(f"training stopped at iteration {result.iteration} before the end")
     return Path(result.final_model), result.run_id or "", result.iteration
@@ -159,7 +159,6 @@ def pseudolabel_photos(
             split=split,
             link_images=False,  # an artifact must hold its files, not links into another artifact
             recursive=True,
-            progress=False,
         )
         say(report.summary())
         reports.append({"split": split, **report.to_dict()})

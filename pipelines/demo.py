@@ -7,6 +7,7 @@
    train (params.yaml `train:`) -> evaluate on the real label maps -> package and register past the gate.
 """
 
+import itertools
 import json
 import statistics
 import sys
@@ -56,16 +57,7 @@ def estimate_seconds(params: dict, *, fit_segmenter: bool) -> dict[str, float]:
     from spade.config import Settings
     from spade.evaluate.segmenters.small import DEFAULT_WIDTHS, SmallSegNet, _augmented_batch
     from spade.local_runs import without_missing_vgg
-    from spade.losses import VGGLoss
-    from spade.nn.vgg import VGG19Features
-    from spade.train.objective import (
-        Objective,
-        TrainStep,
-        build_networks,
-        build_optimizers,
-        place,
-        training_numerics,
-    )
+    from spade.train.objective import step_for_timing
 
     settings = without_missing_vgg(Settings.from_dict(params), note=lambda _: None)
     mc, tc = settings.model, settings.train
@@ -91,30 +83,24 @@ def estimate_seconds(params: dict, *, fit_segmenter: bool) -> dict[str, float]:
 
         out["segmenter"] = _seconds_per_call(segmenter_step) * int(seg_cfg.get("iterations", 600))
 
-    precision, channels_last = training_numerics(tc, device)
-    gside, disc = build_networks(mc, tc)
-    place(device, channels_last, gside, disc)
-    vgg = VGGLoss(VGG19Features(load=False), tc.lambda_vgg) if tc.vgg_loss else None
-    opt_g, opt_d = build_optimizers(gside, disc, tc)
-    objective = Objective(mc, tc, vgg)
-    step = TrainStep(objective, gside, disc, opt_g, opt_d, precision=precision, device=device)
+    step = step_for_timing(mc, tc, device)
     h, w = mc.output_size
     batch = {
         "label": torch.randint(mc.label_nc, (tc.batch_size, 1, h, w), generator=g).float(),
         "image": torch.rand(tc.batch_size, 3, h, w, generator=g) * 2 - 1,
     }
-    iteration = iter(range(10**9))
-    out["train"] = _seconds_per_call(lambda: step(*objective.inputs(batch, device, channels_last), next(iteration)))
+    iteration = itertools.count()
+    out["train"] = _seconds_per_call(lambda: step(batch, next(iteration)))
     out["train"] *= tc.iterations
 
     # pseudo-labelling and evaluation: the segmenter (and, evaluating, the generator) over every photo
     with torch.no_grad():
         segnet.eval()
-        gside.eval()
+        step.gside.eval()
         photos = torch.rand(8, 3, size, size, generator=g)
         per_photo = _seconds_per_call(lambda: segnet(photos)) / 8
-        seg = objective.inputs(batch, device, channels_last)[0]
-        per_image = _seconds_per_call(lambda: gside.generator(seg), calls=2) / tc.batch_size
+        seg = step.objective.inputs(batch, device, step.channels_last)[0]
+        per_image = _seconds_per_call(lambda: step.gside.generator(seg), calls=2) / tc.batch_size
     count, val_count = int(builtin.get("count", 300)), int(builtin.get("val_count") or 0)
     scored = int(evaluate.get("num_samples") or 0) or val_count
     out["pseudolabel"] = per_photo * (count + val_count)

@@ -181,3 +181,34 @@ class TrainStep:
         scaler.step(opt)
         scaler.update()
         return terms
+
+
+@dataclass
+class StepForTiming:
+    """One process's training iteration as `spade train` sets it up, for the benchmark and the demo's estimate."""
+
+    objective: Objective
+    step: TrainStep
+    gside: GeneratorSide
+    precision: str
+    channels_last: bool
+
+    def __call__(self, batch: dict, iteration: int) -> dict[str, torch.Tensor]:
+        seg, real = self.objective.inputs(batch, self.step.device, self.channels_last)
+        return self.step(seg, real, iteration)
+
+
+def step_for_timing(mc: ModelConfig, tc: TrainConfig, device: torch.device) -> StepForTiming:
+    """Networks initialised as the release does, Adam with the TTUR rates and the configured losses, placed and
+    with the numerics `spade train` picks on `device`; the VGG19 of the VGG loss has random weights (the
+    same cost as the real ones, which need not be on the machine)."""
+    from spade.nn.vgg import VGG19Features
+
+    precision, channels_last = training_numerics(tc, device)
+    gside, disc = build_networks(mc, tc)
+    place(device, channels_last, gside, disc)
+    vgg = VGGLoss(VGG19Features(load=False).to(device), tc.lambda_vgg) if tc.vgg_loss else None
+    opt_g, opt_d = build_optimizers(gside, disc, tc)
+    objective = Objective(mc, tc, vgg)
+    step = TrainStep(objective, gside, disc, opt_g, opt_d, precision=precision, device=device)
+    return StepForTiming(objective, step, gside, precision, channels_last)
