@@ -5,9 +5,12 @@
 #   CPU:            docker build -t spade:cpu \
 #                     --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+#   Here:           make image   (spade:dev; a local stand-in base where no registry can be reached)
 #
 # The CUDA base image already carries torch + torchvision built for CUDA; the CPU variant installs the CPU
-# wheels from TORCH_INDEX_URL first, so `pip install .` finds torch satisfied and pulls no CUDA libraries.
+# wheels from TORCH_INDEX_URL first, so the dependencies find torch satisfied and pull no CUDA libraries.
+# Commands are given in full (`docker run IMAGE spade train ...`, `... mlflow server ...`): the image has
+# no entrypoint, so runners that set only the container's command (kfp.local's DockerRunner) work too.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -31,23 +34,25 @@ RUN mkdir -p /usr/share/man/man1 \
 RUN useradd --create-home --uid ${APP_UID} --user-group --shell /bin/bash spade
 
 WORKDIR /app
-# The dependencies first, from the project's metadata alone (pyproject.toml and the README it names): this
-# layer is rebuilt when they change, not on every source edit. Extras: serve (TorchServe), pipeline (kfp),
-# tracking (PostgreSQL driver for mlflow server). The package built here holds no code yet.
-COPY --chown=spade:spade pyproject.toml README.md /app/
+# The dependencies first, from pyproject.toml alone (scripts/requirements.py lists them with the EXTRAS and
+# the build backend): this layer is rebuilt when they change, not on a source or README edit. Extras:
+# serve (TorchServe), pipeline (kfp), tracking (PostgreSQL driver for mlflow server).
+COPY pyproject.toml scripts/requirements.py /tmp/spade-meta/
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" torch torchvision; fi \
-    && pip install ".[${EXTRAS}]" \
-    && rm -rf build *.egg-info
+    && python /tmp/spade-meta/requirements.py /tmp/spade-meta/pyproject.toml "${EXTRAS}" > /tmp/spade-meta/requirements.txt \
+    && pip install -r /tmp/spade-meta/requirements.txt \
+    && rm -rf /tmp/spade-meta
 
 # Then the sources (.dockerignore keeps the context to them: no .venv, data, runs, MLflow stores), installed
-# over that empty package without touching the dependencies.
+# without touching the dependencies and without a build environment of their own (about a minute).
 COPY --chown=spade:spade . /app
-RUN pip install --no-deps --force-reinstall . \
+RUN pip install --no-deps --no-build-isolation . \
+    && rm -rf build *.egg-info \
     && spade --help > /dev/null \
-    && torchserve --help > /dev/null
+    && torchserve --help > /dev/null \
+    && mlflow --version
 
 USER spade
 # inference, management, metrics (TorchServe); MLflow
 EXPOSE 8080 8081 8082 5000
-ENTRYPOINT ["spade"]
-CMD ["--help"]
+CMD ["spade", "--help"]

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 CODE := spade components pipelines tests benchmarks
 
-.PHONY: install demo test lint format clean tools
+.PHONY: install demo test lint format clean tools image
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +28,12 @@ install: $(STAMP)
 # -> evaluate -> package -> register (settings from params.yaml).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/spade pipeline demo
+
+# The project image spade:dev from the Dockerfile: the Docker engine installed and started when none runs,
+# and a local stand-in base image when the Dockerfile's cannot be pulled (scripts/build-image.sh).
+IMAGE ?= spade:dev
+image:
+	bash scripts/build-image.sh $(IMAGE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)

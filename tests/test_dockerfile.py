@@ -20,7 +20,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -113,56 +112,87 @@ def test_runs_as_a_non_root_user_the_manifests_agree_with():
             assert str(doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"]) == uid, doc["metadata"]["name"]
 
 
-def test_spade_is_the_entrypoint():
-    [entrypoint] = [args for keyword, args in instructions() if keyword == "ENTRYPOINT"]
-    assert json.loads(entrypoint) == ["spade"]  # exec form
+def test_no_entrypoint_so_every_runner_sets_the_whole_command():
+    """kfp.local's DockerRunner sets only the container's command (Docker's CMD): an ENTRYPOINT would be put
+    before it. So the image has none, its CMD is `spade --help`, and every manifest names its command."""
+    assert not [args for keyword, args in instructions() if keyword == "ENTRYPOINT"]
+    [cmd] = [args for keyword, args in instructions() if keyword == "CMD"]
+    assert json.loads(cmd) == ["spade", "--help"]  # exec form
     assert PYPROJECT["project"]["scripts"]["spade"] == "spade.cli:main"
+    for tree in TREES:
+        for doc in objects(tree, "Deployment"):
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if "spade" in c["image"]:
+                    assert c.get("command"), (tree, doc["metadata"]["name"], c["name"])
 
 
 def pip_installs() -> list[tuple[int, list[str], list[str]]]:
-    """(instruction index, options, specs) of each `pip install` of this project (not the CPU torch wheels)."""
+    """(instruction index, options, arguments) of each `pip install` of this project (not the CPU torch wheels)."""
     found = []
     for index, cmd in commands():
         if cmd.startswith("pip install ") and "--index-url" not in cmd:
-            args = [a.replace("${EXTRAS}", args_defaults()["EXTRAS"]) for a in shlex.split(cmd)[2:]]
+            args = shlex.split(cmd)[2:]
             found.append((index, [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]))
     return found
 
 
-def copies() -> list[tuple[int, list[str]]]:
-    """(instruction index, sources) of each COPY into /app."""
+def copies() -> list[tuple[int, list[str], str]]:
+    """(instruction index, sources, destination) of each COPY."""
     found = []
     for index, (keyword, args) in enumerate(instructions()):
         if keyword == "COPY":
             *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
-            assert dest.rstrip("/") == "/app", args
-            found.append((index, sources))
+            found.append((index, sources, dest))
     return found
 
 
-def test_pip_installs_this_project_with_the_serve_and_pipeline_extras():
-    (_, _, [deps, *others]), (_, _, [project]) = pip_installs()
-    m = re.fullmatch(r"\.\[([\w,-]+)\]", deps)
-    assert m, deps
-    extras = m[1].split(",")
+def requirements_of_the_image() -> list[str]:
+    """What scripts/requirements.py lists for the Dockerfile's EXTRAS (run as the Dockerfile runs it)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "requirements.py"), str(ROOT / "pyproject.toml"),
+         args_defaults()["EXTRAS"]],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return out.stdout.split("\n")[:-1]
+
+
+def test_the_dependencies_are_the_projects_with_the_serve_pipeline_and_tracking_extras(tmp_path):
+    """Checked against the package metadata setuptools builds from pyproject.toml (pip's dry-run report)."""
+    from packaging.markers import default_environment
+
+    for rel in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / rel, tmp_path / rel)
+    metadata = dry_run(tmp_path, ".", tmp_path / "report.json")["metadata"]
+    extras = args_defaults()["EXTRAS"].split(",")
     assert {"serve", "pipeline", "tracking"} <= set(extras)
-    optional = PYPROJECT["project"]["optional-dependencies"]
-    assert set(extras) <= set(optional)
-    for spec in others:
-        Requirement(spec)  # well-formed
-    assert project == "."
-    # mlflow server's postgresql:// store
-    assert any(Requirement(s).name == "psycopg2-binary" for s in optional["tracking"])
+    listed = {Requirement(line).name for line in requirements_of_the_image()}
+    expected = set()
+    for spec in metadata["requires_dist"]:
+        req = Requirement(spec)
+        if req.name == "spade":
+            continue
+        if req.marker is None or any(req.marker.evaluate({**default_environment(), "extra": e}) for e in extras):
+            expected.add(req.name)
+    build = {Requirement(r).name for r in PYPROJECT["build-system"]["requires"]}
+    assert listed == expected | build
+    # mlflow server's postgresql:// store: psycopg for SQLAlchemy 2.1, psycopg2 for older
+    assert {"psycopg", "psycopg2-binary"} <= listed
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "requirements.py"), str(ROOT / "pyproject.toml"), "serve,nope"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "nope" in bad.stderr
 
 
 def test_a_source_edit_does_not_reinstall_the_dependencies():
-    """Dependencies come from the metadata, copied alone; the sources come later and install with --no-deps."""
-    (metadata_copy, metadata), (sources_copy, sources) = copies()
-    (deps_run, deps_options, _), (project_run, project_options, _) = pip_installs()
-    assert sorted(metadata) == ["README.md", "pyproject.toml"] and sources == ["."]
+    """The dependency layer reads pyproject.toml (and the lister) only; the sources come later, --no-deps."""
+    (metadata_copy, metadata, meta_dest), (sources_copy, sources, dest) = copies()
+    (deps_run, deps_options, deps_args), (project_run, project_options, project) = pip_installs()
+    assert sorted(metadata) == ["pyproject.toml", "scripts/requirements.py"] and sources == ["."]
+    assert dest.rstrip("/") == "/app" and "README.md" not in metadata  # a README edit rebuilds in seconds
+    assert deps_options == ["-r"] and deps_args[0].startswith(meta_dest)
     assert metadata_copy < deps_run < sources_copy < project_run
-    assert "--no-deps" not in deps_options and "--no-deps" in project_options
-    assert PYPROJECT["project"]["readme"] in metadata  # the build reads it
+    assert set(project_options) == {"--no-deps", "--no-build-isolation"} and project == ["."]
 
 
 def dockerignore_patterns() -> list[re.Pattern]:
@@ -214,10 +244,10 @@ def test_dockerignore_keeps_the_sources_and_drops_local_state():
     for needed in ("pyproject.toml", "README.md", "params.yaml", "spade/cli.py"):
         assert needed in context, needed  # README.md: pyproject's readme, read by the build
     assert [args for keyword, args in instructions() if keyword == "COPY"] == [
-        "--chown=spade:spade pyproject.toml README.md /app/",
+        "pyproject.toml scripts/requirements.py /tmp/spade-meta/",
         "--chown=spade:spade . /app",
     ]
-    for _, sources in copies():
+    for _, sources, _ in copies():
         assert all(s == "." or s in context for s in sources), sources
 
 
@@ -232,17 +262,10 @@ def dry_run(context: Path, spec: str, report: Path) -> dict:
     return install
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="posix paths")
 def test_pip_resolves_the_package_from_the_build_context(tmp_path):
-    """Each install step from a copy of what the image holds then: the metadata alone, then the whole context."""
-    (_, metadata), _ = copies()
-    (_, _, [deps, *_]), (_, _, [project]) = pip_installs()
-    for name, files in (("metadata", metadata), ("context", build_context())):
-        for rel in files:
-            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, tmp_path / name / rel)
-    install = dry_run(tmp_path / "metadata", deps, tmp_path / "deps.json")
-    assert set(install["requested_extras"]) <= set(install["metadata"]["provides_extra"])
-    assert {"serve", "pipeline"} <= set(install["requested_extras"])
-    sources = dry_run(tmp_path / "context", project, tmp_path / "project.json")
-    assert sources["metadata"]["version"] == install["metadata"]["version"]  # the same package, now with code
+    """The sources' install step from a copy of the build context: this project, the version its metadata says."""
+    for rel in build_context():
+        (tmp_path / "context" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, tmp_path / "context" / rel)
+    sources = dry_run(tmp_path / "context", ".", tmp_path / "project.json")
+    assert sources["metadata"]["version"] == PYPROJECT["project"]["version"]

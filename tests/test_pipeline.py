@@ -4,6 +4,7 @@ manifest, and a run end to end under kfp.local on a tiny built-in dataset."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -232,6 +233,31 @@ def test_runs_end_to_end_under_kfp_local(tmp_path: Path, monkeypatch, capsys) ->
     assert Path(summary["stored_archive"]).parent == tmp_path / "model-store"
     assert 0.0 <= summary["metrics"]["miou"] <= 1.0
     assert "registered model:       tiny version 1: promoted" in capsys.readouterr().out
+
+
+def test_the_labeled_branch_runs_end_to_end_with_ground_truth_from_an_archive(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A labeled archive: fetch -> the labeled dataset as is (no pseudo-labels) -> train -> evaluate on ground
+    truth given as an archive (fetched by the evaluate task, as an s3:// one is in the cluster) -> register."""
+    from pipelines.demo import pack, print_summary
+    from pipelines.training import run_local
+
+    data = tiny_data(tmp_path / "data")
+    segmenter = tiny_segmenter(data, tmp_path / "segmenter.pt")
+    archive = pack(data, tmp_path / "labeled.tar.gz", photos_only=False)
+    params = pipeline_params(data, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    arguments = {"source": str(archive), "params": params, "eval_segmenter_weights": str(segmenter)}
+    run_local({**arguments, "eval_data": str(archive)}, params=params, pipeline_root=tmp_path / "pipeline")
+    summary = print_summary(tmp_path / "pipeline", params)
+    run = Path(summary["run"])
+    assert not (run / "pseudolabel").exists()  # the labeled branch ran instead
+    trained_on = run / "use-labeled-dataset" / "dataset" / "train_label"
+    originals = sorted((data / "train_label").iterdir())
+    assert [f.read_bytes() for f in sorted(trained_on.iterdir())] == [f.read_bytes() for f in originals]
+    assert summary["decision"] == "promoted" and Path(summary["mar"]).is_file()
+    scored = json.loads((run / "evaluate" / "evaluation" / "metrics.json").read_text())
+    assert scored["counts"]["images"] == len(list((data / "val_label").iterdir()))  # the archive's val split
 
 
 def test_a_failed_local_run_is_a_spade_error(tmp_path: Path) -> None:

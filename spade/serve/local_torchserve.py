@@ -46,6 +46,9 @@ class LocalTorchServe:
     `base_config`: a config.properties to start from (e.g. the KServe layout's); its
     addresses, model store and temp settings are replaced by private ones.
     `models`: "name=file.mar" entries to load at start (a config's model_snapshot also loads).
+    `image`: run TorchServe in a container of this image (e.g. the project's spade:dev) instead of from this
+    environment: host network, the image's own user, the model store (read-only) and the working directory
+    mounted at their own paths, so the addresses, paths and key file are the same as without one.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class LocalTorchServe:
         token_auth: bool = True,
         workdir: str | Path | None = None,
         extra_config: dict[str, str] | None = None,
+        image: str | None = None,
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = list(models or [])
@@ -64,6 +68,8 @@ class LocalTorchServe:
         self.token_auth = token_auth
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="spade-torchserve-"))
         self.extra_config = dict(extra_config or {})
+        self.image = image
+        self.container = f"spade-torchserve-{os.getpid()}-{id(self):x}" if image else None
         self.inference_port = free_port()
         self.management_port = free_port()
         self.metrics_port = free_port()
@@ -136,12 +142,22 @@ class LocalTorchServe:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.properties"
         config.write_text(self._config_text())
-        cmd = [_torchserve_command(), "--start", "--foreground", "--ncs", "--ts-config", str(config)]
+        torchserve = "torchserve" if self.image else _torchserve_command()
+        cmd = [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(config)]
         cmd += ["--model-store", str(self.model_store)]
         if self.models:
             cmd += ["--models", *self.models]
-        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), LOG_LOCATION=str(self.workdir / "logs"))
-        env["METRICS_LOCATION"] = str(self.workdir / "logs")
+        own = {"TMPDIR": str(self.workdir / "tmp"), "LOG_LOCATION": str(self.workdir / "logs")}
+        own["METRICS_LOCATION"] = own["LOG_LOCATION"]
+        env = dict(os.environ, **own)
+        if self.image:
+            # the container's user writes the logs, the key file and its temporary files here
+            for folder in (self.workdir, self.workdir / "tmp"):
+                folder.chmod(0o777)
+            docker = ["docker", "run", "--rm", "--init", "--network", "host", "--name", self.container]
+            docker += ["-v", f"{self.workdir}:{self.workdir}", "-v", f"{self.model_store}:{self.model_store}:ro"]
+            docker += ["-w", str(self.workdir), *[f"--env={k}={v}" for k, v in own.items()], self.image]
+            cmd = docker + cmd
         log = open(self.workdir / "torchserve.out", "wb")  # noqa: SIM115 - closed in stop()
         self._log = log
         self.process = subprocess.Popen(
@@ -211,6 +227,9 @@ class LocalTorchServe:
                 proc.wait(timeout=10)
             except ProcessLookupError:
                 pass
+        if proc is not None and self.container:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(["docker", "rm", "-f", self.container], capture_output=True, timeout=60)
         if proc is not None:
             # workers are in the same session; make sure none outlives the frontend
             with contextlib.suppress(ProcessLookupError, PermissionError):
