@@ -215,8 +215,18 @@ def _run_in_containers(
 ) -> dict:
     """The pipeline under kfp.local's DockerRunner, its inputs and outputs in the local object store."""
     import copy
+    import subprocess
 
     from pipelines.services import local_services
+    from spade.errors import SpadeError
+
+    try:
+        found = subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SpadeError("the docker runner needs Docker: make image installs and starts the engine") from None
+    if found.returncode:
+        why = found.stderr.strip().splitlines()[-1] if found.stderr.strip() else "not found"
+        raise SpadeError(f"image {image}: {why}; build it with: make image (or pass --image)")
 
     labeled = pack(data_root, work / LABELED_ARCHIVE, photos_only=False)  # the evaluation's ground truth
     with local_services(work / "services", image=image, say=_say) as services:

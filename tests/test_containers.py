@@ -185,3 +185,11 @@ def test_the_image_serves_the_registered_archive_as_the_host_synthesizes(contain
         status, body = post(b"not a png", {"Content-Type": "image/png", **ts.headers()})
         assert 400 <= status < 500, body[:300]
     assert docker("ps", "-q", "--filter", f"name={ts.container}").stdout.strip() == ""  # stopped and removed
+
+
+def test_the_docker_runner_names_a_missing_image_and_how_to_build_it(tmp_path):
+    cmd = [sys.executable, "-m", "spade.cli", "pipeline", "demo", "--runner", "docker", "--image", "spade:not-built"]
+    cmd += ["--params", str(ROOT / "params.yaml"), "--set", "segmenter.iterations=5"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    assert "image spade:not-built" in run.stderr and "make image" in run.stderr, run.stderr[-2000:]
