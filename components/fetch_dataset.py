@@ -13,14 +13,22 @@ def fetch_dataset(
     dataset: Output[Dataset],
     sha256: str = "",
     layout: str = "auto",
+    max_bytes: str = "100G",
+    max_entries: int = 1000000,
+    max_ratio: float = 100.0,
 ) -> NamedTuple("FetchOutputs", needs_labels=bool, layout=str, fingerprint=str, files=int):
-    """Fetch `source` with spade.data.fetch; `needs_labels` is true for an unlabeled photo collection."""
+    """Fetch `source` with spade.data.fetch; `needs_labels` is true for an unlabeled photo collection.
+
+    max_bytes, max_entries and max_ratio bound what an archive may unpack to (params.yaml `fetch`).
+    """
     import collections
 
     from components.runtime import DATASET_ROOT_KEY
+    from spade.data.fetch import ExtractLimits, parse_size
     from spade.data.fetch import fetch_dataset as fetch
 
-    result = fetch(source, dataset.path, sha256=sha256 or None, layout=layout)
+    limits = ExtractLimits(parse_size(max_bytes), int(max_entries), float(max_ratio))
+    result = fetch(source, dataset.path, sha256=sha256 or None, layout=layout, limits=limits)
     dataset.metadata.update(
         {
             DATASET_ROOT_KEY: "",  # the dataset is the artifact's folder itself

@@ -78,6 +78,7 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
     `image` is the project image of every task (default: components.IMAGE, $SPADE_IMAGE or the published one).
     """
     params = load_params() if params is None else params
+    fe = dict(params.get("fetch") or {})
     pl = dict(params.get("pseudolabel") or {})
     ev = dict(params.get("evaluate") or {})
     pkg = dict(params.get("package") or {})
@@ -118,7 +119,14 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
         gpus_per_node: int = 1,
         namespace: str = "",
     ) -> None:
-        fetch = fetch_dataset(source=source, sha256=source_sha256, layout=dataset_layout)
+        fetch = fetch_dataset(
+            source=source,
+            sha256=source_sha256,
+            layout=dataset_layout,
+            max_bytes=str(fe.get("max_bytes", "100G")),
+            max_entries=int(fe.get("max_entries", 1_000_000)),
+            max_ratio=float(fe.get("max_ratio", 100.0)),
+        )
         fetch.set_display_name("fetch dataset").set_caching_options(False)
 
         with dsl.If(fetch.outputs["needs_labels"] == True, name="unlabeled-photos"):  # noqa: E712

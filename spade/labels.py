@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from spade.config import ModelConfig
 from spade.errors import SpadeError
+from spade.images import open_image
 
 DONTCARE_VALUE = 255
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
@@ -23,19 +23,13 @@ SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
 
 def read_id_map(path: str | Path, what: str = "label map") -> np.ndarray:
     """An image file of integer ids as an (H, W) int64 array; palette images give their indices."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in SINGLE_CHANNEL_MODES:
-                raise SpadeError(
-                    f"{path}: {what} must be a single-channel image of class ids (mode L, P or I), "
-                    f"got mode {img.mode}; colour-coded maps must be converted to ids first"
-                )
-            return np.asarray(img, dtype=np.int64)
-    except FileNotFoundError:
-        raise SpadeError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SpadeError(f"{path}: cannot read {what} ({exc})") from None
+    with open_image(path, what=what) as img:
+        if img.mode not in SINGLE_CHANNEL_MODES:
+            raise SpadeError(
+                f"{path}: {what} must be a single-channel image of class ids (mode L, P or I), "
+                f"got mode {img.mode}; colour-coded maps must be converted to ids first"
+            )
+        return np.asarray(img, dtype=np.int64)
 
 
 def to_class_ids(raw: np.ndarray, cfg: ModelConfig, *, source: str = "label map") -> np.ndarray:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from spade.checkpoints import Checkpoint
 from spade.config import ModelConfig
 from spade.data.suffixes import IMAGE_SUFFIXES
 from spade.errors import SpadeError
+from spade.images import open_image
 from spade.labels import class_ids_and_edges, one_hot_input, read_id_map, to_class_ids
 from spade.nn.inference import InferenceGenerator
 from spade.precision import DTYPES, autocast_for, resolve_precision
@@ -46,17 +47,12 @@ def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def read_rgb(path: str | Path, size: tuple[int, int], *, what: str = "image") -> torch.Tensor:
     """An image file as a (3, H, W) tensor in [-1, 1], resized bicubic to (height, width)."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            h, w = size
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.float32)
-    except FileNotFoundError:
-        raise SpadeError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SpadeError(f"{path}: cannot read {what} ({exc})") from None
+    with open_image(path, what=what) as img:
+        rgb = img.convert("RGB")
+    h, w = size
+    if rgb.size != (w, h):
+        rgb = rgb.resize((w, h), Image.BICUBIC)
+    arr = np.asarray(rgb, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 

@@ -7,6 +7,8 @@ label and the photo shows up as a colour mismatch.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,18 @@ def make_cityscapes(
             (gt / f"{prefix}_gtFine_polygons.json").write_text("{}")
             save_photo(root / "leftImg8bit" / split / city / f"{prefix}_leftImg8bit.png", rgb)
     return root
+
+
+def bomb_png(path: Path, width: int = 20000, height: int = 20000, mode: str = "L") -> Path:
+    """A PNG whose header claims width x height pixels, followed by a few bytes of pixel data: what an
+    image bomb looks like to a reader (decoding it would take width * height bytes or more)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    colour = {"L": 0, "RGB": 2}[mode]
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * 64)  # a first scanline's worth of zeros, nowhere near the whole image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path

@@ -17,7 +17,7 @@ import pytest
 from http_helpers import FakeServer, reply
 from spade.data import fetch as fetch_mod
 from spade.data import flickr as flickr_mod
-from spade.data.fetch import FetchResult, detect_layout, fetch_dataset
+from spade.data.fetch import ExtractLimits, FetchResult, detect_layout, fetch_dataset
 from spade.data.fingerprint import files_fingerprint
 from spade.data.synthetic import generate_builtin_dataset
 from spade.errors import SpadeError
@@ -481,3 +481,165 @@ def test_fetch_modules_import_nothing_heavy_at_module_level():
         names |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
         heavy = {n for n in names if n.split(".")[0] in ("torch", "numpy", "PIL", "boto3", "tqdm", "requests")}
         assert not heavy and names & {"spade.data", "spade.data.layouts", "spade.labels"} == set(), names
+
+
+# --------------------------------------------------------------------------- archive bombs and link chains
+
+BOMB_BYTES = 64 * 2**20  # 64 MiB of zeros: deflate packs it into about 64 KiB (a thousandfold)
+
+
+def bomb(path: Path, kind: str, members: int = 1) -> Path:
+    """An archive of `members` files of zeros, BOMB_BYTES in all, beside a real little text file."""
+    each = BOMB_BYTES // members
+    zeros = bytes(each)
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("data/ok.txt", "ok")
+            for i in range(members):
+                zf.writestr(f"data/zeros{i}.bin", zeros)
+    else:
+        with tarfile.open(path, TAR_MODES[kind]) as tf:
+            for i in range(members):
+                m = tarfile.TarInfo(f"data/zeros{i}.bin")
+                m.size = each
+                tf.addfile(m, io.BytesIO(zeros))
+    return path
+
+
+def everything_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_bomb_is_refused_before_anything_is_written(tmp_path, kind):
+    box = tmp_path / "box"
+    box.mkdir()
+    archive = bomb(box / f"bomb.{kind}", kind)
+    ratio = BOMB_BYTES / archive.stat().st_size
+    assert ratio > 500  # what makes it a bomb: far past the default of 100x
+    with pytest.raises(SpadeError) as err:
+        fetch_dataset(str(archive), box / "out", progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{archive}: the archive expands to more than") and "--max-ratio" in msg
+    assert "params.yaml fetch.max_ratio" in msg
+    assert everything_under(tmp_path) == ["box", f"box/bomb.{kind}"]  # no partial output, no work folder
+
+    # a trusted archive passes with a larger ratio, and is then held to the total
+    with pytest.raises(SpadeError, match=r"more than 32\.0 MiB.*--max-bytes \(params.yaml fetch.max_bytes"):
+        fetch_dataset(str(archive), box / "out", progress=False, limits=ExtractLimits(32 * 2**20, 10, 10_000))
+    assert everything_under(tmp_path) == ["box", f"box/bomb.{kind}"]
+    tree = box / "tree"  # the bomb is no dataset (no layout to detect): its extraction alone, within limits
+    fetch_mod._extract(archive, tree, str(archive), ExtractLimits(2 * BOMB_BYTES, 10, 10_000))
+    assert (tree / "data" / "zeros0.bin").stat().st_size == BOMB_BYTES
+
+
+def test_a_bomb_of_many_members_stops_at_the_first_past_the_budget(tmp_path, monkeypatch):
+    """Checked while streaming: the tar headers are read one by one and extraction stops at the member that
+    crosses the budget; the members after it are never decompressed."""
+    archive = bomb(tmp_path / "many.tar.gz", "tar.gz", members=64)  # 1 MiB each
+    seen = []
+    real_next = tarfile.TarFile.next
+
+    def counting_next(self):
+        member = real_next(self)
+        if member is not None:
+            seen.append(member.name)
+        return member
+
+    monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
+    limits = ExtractLimits(max_bytes=8 * 2**20, max_entries=1000, max_ratio=10_000)
+    with pytest.raises(SpadeError, match=r"more than 8\.0 MiB"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False, limits=limits)
+    # 8 members fit, the 9th crosses: nothing after it was read (the first header is read more than once:
+    # telling a tar file from others reads it)
+    assert sorted(set(seen)) == sorted(f"data/zeros{i}.bin" for i in range(9))
+    assert everything_under(tmp_path) == ["many.tar.gz"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_too_many_entries_are_refused_naming_the_option(tmp_path, builtin, kind):
+    archive = make_archive(builtin, tmp_path / f"d.{kind}", kind)
+    entries = len(dataset_files(builtin))
+    with pytest.raises(SpadeError, match=f"more than {entries - 1} entries.*--max-entries"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False, limits=ExtractLimits(max_entries=entries - 1))
+    assert everything_under(tmp_path) == [f"d.{kind}"]
+    # folders count as entries in a tar made with `tar -c` and not in this one: the files decide here
+    result = fetch_dataset(str(archive), tmp_path / "out", progress=False, limits=ExtractLimits(max_entries=entries))
+    assert result.files == entries
+
+
+def test_fetch_cli_takes_the_limits(tmp_path, capsys):
+    from spade.cli import main
+
+    archive = bomb(tmp_path / "bomb.zip", "zip")
+    assert main(["fetch", str(archive), "--out", str(tmp_path / "d"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--max-ratio" in err and "Traceback" not in err
+    code = main(["fetch", str(archive), "--out", str(tmp_path / "d"), "--max-ratio", "5000", "--max-bytes", "1M"])
+    assert code == 1 and "more than 1.0 MiB" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["fetch", str(archive), "--out", str(tmp_path / "d"), "--max-bytes", "lots"])
+    assert done.value.code == 2
+    assert "not a size: 'lots'" in capsys.readouterr().err
+    assert fetch_mod.parse_size("100G") == 100 * 2**30 and fetch_mod.parse_size("1.5MiB") == 3 * 2**19
+    assert everything_under(tmp_path) == ["bomb.zip"]
+
+
+def zip_with_links(path: Path, *entries: tuple[str, str | None]) -> Path:
+    """A zip of (name, link target) entries: a symlink where a target is given, else a small file."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, target in entries:
+            if target is None:
+                zf.writestr(name, "data")
+            else:
+                link = zipfile.ZipInfo(name)
+                link.external_attr = (0o120777 << 16) | 0x20
+                zf.writestr(link, target)
+    return path
+
+
+def tar_with_links(path: Path, *entries: tuple[str, str | None]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, target in entries:
+            if target is None:
+                m = tarfile.TarInfo(name)
+                m.size = 4
+                tf.addfile(m, io.BytesIO(b"data"))
+            else:
+                tf.addfile(info(name, tarfile.SYMTYPE, target))
+    return path
+
+
+CHAINS = {
+    # each link alone points inside when read as text; followed as the system follows them, they climb two
+    # or three levels above the folder extraction writes to (box/.out.fetch/tree): into box/ or above it
+    "up-through-a-link": [("ds/up", ".."), ("ds/e", "up/../.."), ("ds/e/escaped_dir_f/f.txt", None)],
+    "two-hops": [("ds/a", "."), ("ds/b", "a/../.."), ("ds/c", "b/../.."), ("ds/c/x/f.txt", None)],
+    "link-made-later": [("ds/l", "z/../.."), ("ds/z", ".."), ("ds/l/escaped/f.txt", None)],
+    "loop": [("ds/p", "q"), ("ds/q", "p"), ("ds/ok.txt", None)],
+}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_link_chains_out_of_the_folder_create_nothing_anywhere(tmp_path, kind, chain):
+    box = tmp_path / "box"
+    box.mkdir()
+    make = zip_with_links if kind == "zip" else tar_with_links
+    archive = make(box / f"chain.{kind}", *CHAINS[chain])
+    with pytest.raises(SpadeError, match="refused entry"):
+        fetch_dataset(str(archive), box / "out", progress=False)
+    # nothing beside the archive, nothing in the work folder, nothing above the box
+    assert everything_under(tmp_path) == ["box", f"box/chain.{kind}"]
+
+
+def test_links_to_links_that_stay_inside_are_kept(tmp_path):
+    archive = zip_with_links(
+        tmp_path / "ok.zip",
+        ("top/images/a.jpg", None),
+        ("top/images/b.jpg", "a.jpg"),
+        ("top/images/c.jpg", "b.jpg"),
+        ("top/images/sub/d.jpg", "../c.jpg"),
+    )
+    result = fetch_dataset(str(archive), tmp_path / "d", progress=False)
+    assert result.layout == "photos" and (tmp_path / "d" / "sub" / "d.jpg").read_text() == "data"

@@ -8,29 +8,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from spade.config import DataConfig, ModelConfig
 from spade.data.layouts import Sample, describe_problems, find_pairs
 from spade.data.transforms import plan, transform_ids, transform_image
 from spade.errors import SpadeError
+from spade.images import open_image
 from spade.labels import read_id_map, to_class_ids
 from spade.progress import progress_bar
 
-_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
 
 def read_photo(path: Path) -> Image.Image:
-    """A photo fully decoded as RGB (a truncated file raises SpadeError)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise SpadeError(f"{path}: no such file") from None
-    except _READ_ERRORS as exc:
-        raise SpadeError(f"{path}: cannot read image ({exc})") from None
+    """A photo fully decoded as RGB (a truncated or too large file raises SpadeError)."""
+    with open_image(path, what="image") as img:
+        return img.convert("RGB")
 
 
 def _check(sample: Sample, cfg: ModelConfig) -> list[str]:

@@ -12,10 +12,14 @@ A source is one of
   second). It is resumed rather than replaced: `force` does not apply, nor does `sha256`. OUT must be new,
   empty, or an earlier fetch (flickr: or not): a folder of other files is refused.
 
-Archives (zip, tar, tar.gz / tgz, tar.bz2, tar.xz; told apart by content) are extracted safely: an entry
-that would land outside the target (`..`, absolute paths, links pointing out of it) or a device file is
-refused with an error naming it. Extraction goes to a temporary folder beside OUT that is renamed to OUT
-once complete, so OUT is never a half-extracted dataset. An archive holding one top folder is entered.
+Archives (zip, tar, tar.gz / tgz, tar.bz2, tar.xz; told apart by content) are extracted safely: every
+entry is checked before anything is written, and one that would land outside the target (`..`, absolute
+paths, links pointing out of it, directly or through a chain of the archive's own links), passes through a
+link, or is a device file is refused with an error naming it. What an archive may expand to is bounded
+(ExtractLimits: total bytes, entries, bytes per byte of the archive), from its headers first and from the
+bytes written while they stream, so a bomb stops early. Extraction goes to a temporary folder beside OUT
+that is renamed to OUT once complete and removed on any failure, so OUT is never a half-extracted dataset.
+An archive holding one top folder is entered.
 
 OUT is the dataset root afterwards, with `fetch.json` (the FetchResult) and a `.spade-fetch` marker
 (source + sha256): fetching the same source into it again does nothing unless `force`. Layouts:
@@ -67,6 +71,7 @@ EXAMPLES = """examples:
   spade fetch s3://datasets/landscapes/ --out data/landscapes      # a folder of an S3 bucket
   spade fetch ./downloads/cityscapes.tar --out data/cityscapes
   spade fetch ./my_photos --out data/photos                         # a local folder, copied
+  spade fetch big.tar.gz --out data/big --max-bytes 300G --max-entries 5000000   # larger limits
   FLICKR_API_KEY=... spade fetch "flickr:?text=mountain+lake&tags=landscape&count=200&size=z" --out data/flickr
   FLICKR_API_KEY=... spade fetch flickr: --flickr-text "mountain lake" --flickr-license 4,5,9,10 \\
       --count 500 --size b --rate 0.5 --out data/flickr
@@ -110,8 +115,11 @@ def fetch_dataset(
     size: str | None = None,
     rate: float | None = None,
     flickr_endpoint: str | None = None,
+    limits: ExtractLimits | None = None,
 ) -> FetchResult:
     """Fetch `source` (see the module doc) into the folder `out`; returns what is there.
+
+    `limits` bounds what an archive may unpack to (default: ExtractLimits()); past one, nothing is kept.
 
     The flickr_* options, count, size, rate and flickr_endpoint (FLICKR_OPTIONS) apply to flickr: sources
     only: they override the source's query (see `spade fetch --help`); None leaves it as it is.
@@ -159,7 +167,7 @@ def fetch_dataset(
         if _is_remote(source):
             archive = _download(source, work, progress=progress)  # an s3:// prefix: the folder `tmp`, filled
             _check_sha256(archive, sha256, source, delete=True)
-            _extract(archive, tmp, source)
+            _extract(archive, tmp, source, limits)
         else:
             local = Path(source).expanduser()
             if not (local.is_dir() or local.is_file()):
@@ -168,7 +176,7 @@ def fetch_dataset(
             if local.is_dir():
                 _copy_tree(local, tmp)
             else:
-                _extract(local, tmp, source)
+                _extract(local, tmp, source, limits)
         root = _descend(tmp)
         found = detect_layout(root, layout, source)
         result = _describe(root, found, source)
@@ -578,96 +586,258 @@ def _check_sha256(path: Path, expected: str | None, source: str, *, delete: bool
 # --------------------------------------------------------------------------- safe extraction
 
 
-def _safe_target(root: Path, name: str, source: str) -> Path:
-    """root/name, refusing names that are absolute or climb out of root."""
+@dataclass(frozen=True)
+class ExtractLimits:
+    """How much an archive may unpack to (params.yaml `fetch`; `spade fetch --max-bytes/--max-entries/--max-ratio`).
+
+    `max_ratio` bounds the expanded bytes per byte of the archive file: real datasets are photos and label
+    PNGs that are compressed already (about 1x), a zip or gzip bomb expands a thousandfold. The sizes in the
+    archive's headers are checked before anything is written, the bytes actually written while they stream.
+    """
+
+    max_bytes: int = 100 * 2**30  # 100 GiB: COCO-Stuff (about 20 GB) and Cityscapes fit
+    max_entries: int = 1_000_000
+    max_ratio: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.max_entries < 1 or not self.max_ratio > 0:
+            raise SpadeError(f"extraction limits must be positive: {self}")
+
+    def budget(self, archive_bytes: int) -> tuple[int, str]:
+        """The most bytes an archive of `archive_bytes` may expand to, and the option that sets it."""
+        by_ratio = int(self.max_ratio * max(archive_bytes, 1))
+        if by_ratio < self.max_bytes:
+            return by_ratio, f"--max-ratio (params.yaml fetch.max_ratio; now {self.max_ratio:g}x the archive's size)"
+        return self.max_bytes, f"--max-bytes (params.yaml fetch.max_bytes; now {format_size(self.max_bytes)})"
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count: 1000, 500M, 100G, 2T (binary units; a trailing B or iB is allowed)."""
+    value = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        number = -1.0
+    if number <= 0:
+        raise SpadeError(f"not a size: {text!r} (a byte count such as 1000000, 500M, 100G)")
+    return int(number * _UNITS[unit])
+
+
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SpadeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def format_size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f} {unit}iB"
+    return f"{n} B"
+
+
+def _safe_parts(name: str, source: str) -> tuple[str, ...]:
+    """An entry name as path parts below the target, refusing absolute names and names that climb out."""
     clean = name.replace("\\", "/")
     parts = PurePosixPath(clean).parts
     if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
         raise SpadeError(f"{source}: refused entry {name!r}: an absolute path")
-    if not parts:
-        if clean.rstrip("/") == ".":
-            return root  # the top folder itself, as `tar -C DIR .` writes it
+    if not parts and clean.rstrip("/") != ".":
         raise SpadeError(f"{source}: refused entry {name!r}: an empty name")
     if ".." in parts:
         raise SpadeError(f"{source}: refused entry {name!r}: it would land outside the dataset folder")
-    return root.joinpath(*[p for p in parts if p != "."])
+    return tuple(p for p in parts if p != ".")  # () is the top folder itself, as `tar -C DIR .` writes it
+
+
+def _safe_target(root: Path, name: str, source: str) -> Path:
+    """root/name, refusing names that are absolute or climb out of root."""
+    return root.joinpath(*_safe_parts(name, source))
 
 
 def _inside(root: Path, path: str) -> bool:
     return os.path.normpath(path).startswith(str(root) + os.sep) or os.path.normpath(path) == str(root)
 
 
-def _extract(archive: Path, tmp: Path, source: str) -> None:
+MAX_LINK_HOPS = 40  # as Linux follows at most 40 links in one lookup
+
+
+class _Plan:
+    """The tree an archive will create, built from its entries before anything is written.
+
+    Every entry is checked against the tree as it stands when the entry is reached: no name may pass
+    through a link the archive made or through one of its files, no name may come twice, and the limits
+    hold. Links are resolved at the end against the whole planned tree (links through links included), so
+    a chain such as `a -> b/..`, `b -> ..` is seen for what the operating system will make of it.
+    """
+
+    def __init__(self, source: str, limits: ExtractLimits, archive_bytes: int) -> None:
+        self.source, self.limits = source, limits
+        self.kinds: dict[tuple[str, ...], str] = {(): "dir"}  # "dir", "file" or "link"
+        self.links: dict[tuple[str, ...], tuple[str, str]] = {}  # path -> (target, entry name)
+        self.sizes: dict[tuple[str, ...], int] = {}  # files' sizes, for hard links to them
+        self.entries = 0
+        self.bytes = 0
+        self.budget, self.budget_option = limits.budget(archive_bytes)
+
+    def refuse(self, name: str, why: str) -> SpadeError:
+        return SpadeError(f"{self.source}: refused entry {name!r}: {why}")
+
+    def count(self, nbytes: int) -> None:
+        """`nbytes` more to write (a header's size, or bytes streamed): stop once over the budget."""
+        self.bytes += nbytes
+        if self.bytes > self.budget:
+            raise SpadeError(
+                f"{self.source}: the archive expands to more than {format_size(self.budget)}, its limit, so it "
+                f"was not unpacked (an archive bomb, or a dataset larger than expected). If it is trusted, raise "
+                f"the limit with {self.budget_option}"
+            )
+
+    def add(self, name: str, kind: str, size: int = 0, link: str | None = None) -> tuple[str, ...]:
+        """Plan entry `name` of `kind` ("dir", "file", "link", "hardlink"); returns its path parts."""
+        parts = _safe_parts(name, self.source)
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise SpadeError(
+                f"{self.source}: the archive holds more than {self.limits.max_entries} entries, its limit, so it "
+                "was not unpacked. If it is trusted, raise the limit with --max-entries "
+                "(params.yaml fetch.max_entries)"
+            )
+        for depth in range(1, len(parts)):
+            above = self.kinds.get(parts[:depth])
+            if above == "link":
+                raise self.refuse(name, f"it goes through the link {'/'.join(parts[:depth])}")
+            if above == "file":
+                raise self.refuse(name, f"{'/'.join(parts[:depth])} is a file of the archive, not a folder")
+        if parts in self.kinds and not (kind == "dir" and self.kinds[parts] == "dir"):
+            raise self.refuse(name, "a second entry of that name")
+        if kind == "hardlink":
+            clean = (link or "").replace("\\", "/")
+            if not clean or clean.startswith("/") or ".." in PurePosixPath(clean).parts:
+                raise self.refuse(name, f"a hard link to {link} outside it")
+            target = tuple(p for p in PurePosixPath(clean).parts if p != ".")
+            if self.kinds.get(target) != "file":
+                raise self.refuse(name, f"a hard link to {link}, which is no file that comes before it in the archive")
+            size = self.sizes[target]
+            kind = "file"
+        self.count(size)
+        for depth in range(1, len(parts)):
+            self.kinds.setdefault(parts[:depth], "dir")
+        self.kinds[parts] = kind
+        if kind == "file":
+            self.sizes[parts] = size
+        if kind == "link":
+            if not link or link.startswith("/") or (len(link) > 1 and link[1] == ":"):
+                raise self.refuse(name, f"a link to {link} outside it")
+            self.links[parts] = (link, name)
+        return parts
+
+    def resolve(self, parts: tuple[str, ...], hops: int = 0) -> tuple[str, ...] | None:
+        """Where `parts` leads inside the planned tree, links followed; None when it leaves it."""
+        here: list[str] = []
+        for part in parts:
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not here:
+                    return None
+                here.pop()
+                continue
+            here.append(part)
+            if tuple(here) in self.links:
+                if hops >= MAX_LINK_HOPS:
+                    return None
+                target = self.links[tuple(here)][0].replace("\\", "/")
+                landed = self.resolve((*here[:-1], *PurePosixPath(target).parts), hops + 1)
+                if landed is None:
+                    return None
+                here = list(landed)
+        return tuple(here)
+
+    def check_links(self) -> None:
+        for parts, (target, name) in self.links.items():
+            if self.resolve((*parts[:-1], *PurePosixPath(target.replace("\\", "/")).parts)) is None:
+                raise self.refuse(name, f"a link to {target} outside it (or a loop of links)")
+
+
+def _extract(archive: Path, tmp: Path, source: str, limits: ExtractLimits | None = None) -> None:
+    """Unpack `archive` into the new folder `tmp`: every entry is planned and checked before one is written."""
     if archive.is_dir():  # an s3:// prefix, already downloaded
         return
+    limits = limits or ExtractLimits()
     tmp.mkdir(parents=True)
     root = tmp.resolve()
+    plan = _Plan(source, limits, archive.stat().st_size)
     if zipfile.is_zipfile(archive):
-        _extract_zip(archive, root, source)
+        _extract_zip(archive, root, plan)
     elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, root, source)
+        _extract_tar(archive, root, plan)
     else:
         raise SpadeError(f"{source}: not an archive (zip, tar, tar.gz, tar.bz2, tar.xz) nor a folder")
     _check_links(root, source)
 
 
-def _extract_tar(archive: Path, root: Path, source: str) -> None:
+def _extract_tar(archive: Path, root: Path, plan: _Plan) -> None:
+    source = plan.source
     try:
         with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            links: set[str] = set()
-            for m in members:
-                dest = _safe_target(root, m.name, source)
-                rel = dest.relative_to(root).as_posix()
-                if any(rel == link or rel.startswith(link + "/") for link in links):
-                    raise SpadeError(f"{source}: refused entry {m.name!r}: it goes through the link {rel}")
+            members = []
+            for m in tar:  # headers one by one: a bomb stops at the first member past the budget
                 if m.ischr() or m.isblk() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                    raise SpadeError(f"{source}: refused entry {m.name!r}: a device or special file")
-                if m.issym():
-                    if m.linkname.startswith("/") or not _inside(root, os.path.join(dest.parent, m.linkname)):
-                        raise SpadeError(f"{source}: refused entry {m.name!r}: a link to {m.linkname} outside it")
-                    links.add(rel)
-                elif m.islnk():
-                    link = m.linkname.replace("\\", "/")
-                    if not link or link.startswith("/") or ".." in PurePosixPath(link).parts:
-                        raise SpadeError(f"{source}: refused entry {m.name!r}: a hard link to {m.linkname} outside it")
+                    raise plan.refuse(m.name, "a device or special file")
+                kind = "dir" if m.isdir() else "link" if m.issym() else "hardlink" if m.islnk() else "file"
+                plan.add(m.name, kind, m.size if m.isfile() else 0, m.linkname if (m.issym() or m.islnk()) else None)
+                members.append(m)
+            plan.check_links()
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(root, members=members, **kwargs)
+            for m in members:  # tar headers tell the true sizes: what was counted above is what is written
+                tar.extract(m, root, **kwargs)
     except SpadeError:
         raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SpadeError(f"{source}: cannot extract {archive.name}: {exc}") from None
 
 
-def _extract_zip(archive: Path, root: Path, source: str) -> None:
+MAX_LINK_TARGET = 4096
+
+
+def _extract_zip(archive: Path, root: Path, plan: _Plan) -> None:
+    source = plan.source
     try:
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            plan = []
-            for info in infos:
-                dest = _safe_target(root, info.filename, source)
+            steps = []
+            for info in zf.infolist():
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
+                    if info.file_size > MAX_LINK_TARGET:
+                        raise plan.refuse(info.filename, f"a link whose target is {info.file_size} bytes long")
                     link = zf.read(info).decode()
-                    if link.startswith("/") or not _inside(root, os.path.join(dest.parent, link)):
-                        raise SpadeError(f"{source}: refused entry {info.filename!r}: a link to {link} outside it")
-                    plan.append((info, dest, link))
+                    steps.append((plan.add(info.filename, "link", 0, link), info, link))
                 elif stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    raise SpadeError(f"{source}: refused entry {info.filename!r}: a device or special file")
+                    raise plan.refuse(info.filename, "a device or special file")
+                elif info.is_dir():
+                    steps.append((plan.add(info.filename, "dir"), info, None))
                 else:
-                    plan.append((info, dest, None))
-            for info, dest, link in plan:
+                    steps.append((plan.add(info.filename, "file", info.file_size), info, None))
+            plan.check_links()
+            plan.bytes = 0  # from here on, the bytes really written are counted (a header may understate them)
+            for parts, info, link in steps:
+                dest = root.joinpath(*parts)
                 if info.is_dir():
                     dest.mkdir(parents=True, exist_ok=True)
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if not _inside(root, os.path.realpath(dest.parent)):
-                    raise SpadeError(f"{source}: refused entry {info.filename!r}: it goes through a link out of it")
                 if link is not None:
                     os.symlink(link, dest)
                     continue
                 with zf.open(info) as src, dest.open("xb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
+                    while block := src.read(CHUNK):
+                        plan.count(len(block))
+                        dst.write(block)
     except SpadeError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
@@ -675,7 +845,7 @@ def _extract_zip(archive: Path, root: Path, source: str) -> None:
 
 
 def _check_links(root: Path, source: str) -> None:
-    """Every link in the extracted tree resolves inside it."""
+    """Every link in the extracted tree resolves inside it (a last check of what the plan allowed)."""
     for folder, dirs, names in os.walk(root):
         for name in dirs + names:
             path = Path(folder) / name
@@ -693,6 +863,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="expected layout (default: auto)")
     parser.add_argument("--force", action="store_true", help="fetch again even if --out already holds this source")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    limits = parser.add_argument_group("limits on what an archive may unpack to (an archive past one is refused)")
+    default = ExtractLimits()
+    limits.add_argument(
+        "--max-bytes",
+        type=_size_argument,
+        default=default.max_bytes,
+        help=f"most bytes in all, e.g. 500M, 100G (default {format_size(default.max_bytes)})",
+    )
+    limits.add_argument(
+        "--max-entries",
+        type=int,
+        default=default.max_entries,
+        help=f"most files, folders and links (default {default.max_entries})",
+    )
+    limits.add_argument(
+        "--max-ratio",
+        type=float,
+        default=default.max_ratio,
+        help=f"most bytes unpacked per byte of the archive (default {default.max_ratio:g})",
+    )
     flickr = parser.add_argument_group("flickr: sources (override the flickr:?key=value query)")
     flickr.add_argument("--flickr-text", help="free-text search, e.g. 'mountain lake'")
     flickr.add_argument("--flickr-tags", help="comma-separated tags, e.g. landscape,nature")
@@ -714,6 +904,7 @@ def main(args: argparse.Namespace) -> int:
         layout=args.layout,
         force=args.force,
         progress=not args.no_progress,
+        limits=ExtractLimits(args.max_bytes, args.max_entries, args.max_ratio),
         **{name: getattr(args, name) for name in FLICKR_OPTIONS},
     )
     print(json.dumps(result.to_dict(), indent=2))

@@ -29,7 +29,6 @@ import numpy as np
 import scipy
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import linalg
 from torch import Tensor
 
@@ -44,6 +43,7 @@ from spade.evaluate.inception import (
     state_dict_digest,
     weights_digest,
 )
+from spade.images import open_image
 from spade.progress import progress_bar
 from spade.storage import Store, is_s3
 
@@ -76,11 +76,8 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def load_image(path: str | Path) -> Tensor:
     """(3, 299, 299) float32 in [0, 1]: RGB, /255, bilinear resize (what pytorch-fid's network does)."""
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise SpadeError(f"FID: cannot read image {path}: {exc}") from None
+    with open_image(path, what="image (for FID)") as img:
+        array = np.asarray(img.convert("RGB"))
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
     if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
         x = F.interpolate(x[None], size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)[0]

@@ -7,7 +7,10 @@ import binascii
 import json
 from dataclasses import dataclass
 
+from PIL import Image
+
 from spade.errors import SpadeError
+from spade.images import ImageTooLarge, UnreadableImage, open_image
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
@@ -41,6 +44,22 @@ class Response:
     @property
     def ok(self) -> bool:
         return self.status < 400
+
+
+def decode_image(data: bytes, name: str, limit: int) -> Image.Image:
+    """An uploaded image file, decoded through spade.images' size guard (`limit` pixels at most, and never
+    more than spade.images.max_pixels()).
+
+    Too large: RequestError 413 saying the size and the limit; not an image or damaged: 400 with the reason.
+    """
+    try:
+        with open_image(data, name=name, limit=limit) as img:
+            return img.copy()
+    except ImageTooLarge as exc:
+        size = f"{exc.size[0]}x{exc.size[1]} = " if exc.size else ""
+        raise RequestError(f"{name} is {size}{exc.pixels} pixels; the limit is {exc.limit}", 413) from None
+    except UnreadableImage as exc:
+        raise RequestError(f"{name} is not a readable image ({exc.reason})") from None
 
 
 def decode_base64(text: object, name: str) -> bytes:

@@ -26,19 +26,18 @@ import base64
 import io
 import json
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from spade.checkpoints import Checkpoint
 from spade.errors import SpadeError
 from spade.labels import SINGLE_CHANNEL_MODES, to_class_ids
-from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64
+from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64, decode_image
 from spade.synthesize import Synthesizer, resize_ids, to_uint8
 
 FIELDS = ("label", "instance", "style", "seed", "output_size")
@@ -241,22 +240,7 @@ class SynthesisService:
         )
 
     def _open(self, value: object, name: str) -> Image.Image:
-        data = _binary(value, name)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                w, h = img.size
-                if w * h > self.max_pixels:
-                    raise RequestError(f"'{name}' is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels}", 413)
-                img.load()
-        except RequestError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise RequestError(f"'{name}' is too large to decode ({exc})", 413) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise RequestError(f"'{name}' is not a readable image ({type(exc).__name__}: {exc})") from None
-        return img
+        return decode_image(_binary(value, name), f"'{name}'", self.max_pixels)
 
     def _id_map(self, value: object, name: str) -> np.ndarray:
         img = self._open(value, name)

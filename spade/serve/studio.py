@@ -32,18 +32,17 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from spade.config import add_precision_argument
 from spade.errors import SpadeError
-from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64
+from spade.serve.protocol import DEFAULT_MAX_PIXELS, RequestError, Response, decode_base64, decode_image
 
 STATIC_DIR = Path(__file__).with_name("studio_static")
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
@@ -304,26 +303,6 @@ def _text(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _open_image(data: bytes, max_pixels: int) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise RequestError(f"the image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", 413)
-            img.load()
-    except RequestError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RequestError(f"the image is too large to decode ({exc})", 413) from None
-    except UnidentifiedImageError:
-        raise RequestError("not a readable image (PNG, JPEG, BMP, TIFF or WebP)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise RequestError(f"not a readable image ({type(exc).__name__}: {exc})") from None
-    return img
-
-
 def _palette(info: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """(K, 3) colours and their (K,) class values; the don't-care colour last when the model has one."""
     colours = [c["colour"] for c in info["classes"]]
@@ -357,7 +336,7 @@ def decode_label(data: bytes, info: Mapping) -> tuple[np.ndarray, dict]:
     or a map coloured with the model's class colours).
     """
     max_pixels = int(info.get("max_pixels") or DEFAULT_MAX_PIXELS)
-    img = _open_image(data, max_pixels)
+    img = decode_image(data, "the image", max_pixels)
     source_size = img.size
     kind = "values"
     if img.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,19 +54,57 @@ def save_checkpoint(ckpt: Checkpoint, location: str, iteration: int, keep: int) 
     return uri
 
 
-def load_latest(location: str) -> tuple[Checkpoint, str] | None:
-    """The newest checkpoint in a folder or s3 prefix, or a checkpoint file; None when there is none."""
+def load_latest(location: str, *, say: Callable[[str], None] | None = None) -> tuple[Checkpoint, str] | None:
+    """The newest checkpoint that loads in a folder or s3 prefix, or a checkpoint file; None when there is none.
+
+    A newer checkpoint that cannot be read (truncated by a full disk, a copy cut off) is passed over for
+    the one before it, and `say` (default: stderr) is told which were skipped and why. When none loads,
+    SpadeError lists them all.
+    """
+    say = say or (lambda line: print(line, file=sys.stderr))
     if not Store(location).s3 and Path(location).is_file():
         return Checkpoint.load(location), location
     found = list_checkpoints(location)
     if not found:
         return None
-    _, name = found[-1]
     store = Store(location)
-    if not store.s3:
-        return Checkpoint.load(store.path / name), store.uri(name)
-    with tempfile.TemporaryDirectory() as tmp:
-        return Checkpoint.load(store.get(name, Path(tmp) / name)), store.uri(name)
+    skipped: list[str] = []
+    for _, name in reversed(found):
+        try:
+            ckpt = _load_resumable(store, name)
+        except SpadeError as exc:
+            skipped.append(f"{store.uri(name)}: {exc}")
+            continue
+        if skipped:
+            say(f"resume: skipped {len(skipped)} unreadable checkpoint(s), newest first:")
+            for line in skipped:
+                say(f"  {line}")
+        return ckpt, store.uri(name)
+    raise SpadeError(f"none of the {len(found)} checkpoint(s) in {location} can be loaded:\n  " + "\n  ".join(skipped))
+
+
+def _load_resumable(store: Store, name: str) -> Checkpoint:
+    if store.s3:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Checkpoint.load(store.get(name, Path(tmp) / name))
+    else:
+        ckpt = Checkpoint.load(store.path / name)
+    if not isinstance(ckpt.training, dict) or "iteration" not in ckpt.training:
+        raise SpadeError("it holds no training state (written by something other than spade train)")
+    return ckpt
+
+
+def remove_stale_temporaries(location: str) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (`.iter_*.pt.*.tmp`, see
+    Checkpoint.save) from a local checkpoint folder; returns them. An s3:// location has none: objects are
+    put whole. Run before training writes its first checkpoint, by the one process that writes them."""
+    store = Store(location)
+    if store.s3 or not store.path.is_dir():
+        return []
+    stale = sorted(store.path.glob(".iter_*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def capture_rng() -> dict:

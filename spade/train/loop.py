@@ -113,13 +113,20 @@ def loader_workers(setting: int | str, device: torch.device, local_processes: in
 
 def training_loader(dataset: Dataset, sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
     """The DataLoader training reads: each sample under its own augmentation seed (`SeededSamples`, the
-    sampler yields (index, seed) batches), pinned memory for a GPU, workers that leave stop signals alone."""
+    sampler yields (index, seed) batches), pinned memory for a GPU, workers that leave stop signals alone.
+
+    The loader draws its workers' base seed from a generator of its own, not from torch's global one:
+    starting an iterator would otherwise take one number from the global stream, which a resumed run
+    does at another point than an uninterrupted one, and the image encoder's sampling noise (drawn from
+    that stream) would differ after a resume.
+    """
     return DataLoader(
         SeededSamples(dataset),
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_ignore_stop_signals if workers else None,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -190,8 +197,15 @@ def train(
         start_iter, epoch, batch_in_epoch, run_id = 0, 0, 0, None
         scaler_state = None
         location = tc.checkpoint_location
+        if info.is_main:
+            stale = ckpts.remove_stale_temporaries(location)
+            if stale:
+                print(
+                    f"removed {len(stale)} temporary file(s) of interrupted checkpoint writes from {location}",
+                    file=sys.stderr,
+                )
         if resume is not None:
-            found = ckpts.load_latest(resume or location)
+            found = ckpts.load_latest(resume or location, say=None if info.is_main else lambda _: None)
             if found is None:
                 if info.is_main:
                     print(f"no checkpoint in {resume or location}; starting from scratch", file=sys.stderr)

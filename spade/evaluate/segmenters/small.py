@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from spade.config import DataConfig
@@ -44,6 +43,7 @@ from spade.evaluate.segmenters.inference import (
     resolve_device,
     to_segmentation,
 )
+from spade.images import open_image
 from spade.labels import read_id_map
 from spade.progress import progress_bar
 
@@ -224,11 +224,8 @@ def build_from_state(
 
 
 def _read_photo(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise SpadeError(f"{path}: cannot read image ({exc})") from None
+    with open_image(path, what="image") as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def _class_ids(sample: Sample, num_classes: int) -> np.ndarray:
