@@ -2,8 +2,10 @@
 # A local stand-in for python:3.11-slim-bookworm, for machines that cannot pull from a container registry:
 # Debian bookworm (debootstrap, minbase) from the mirror this machine's apt uses, Python 3.11 with pip as
 # `python` / `pip`, and this machine's CA bundle trusted (pip, curl and Python find the package index
-# through whatever TLS interception the machine's network does). Imported as IMAGE (default
-# spade-base:python3.11-bookworm); nothing is done when that image exists.
+# through whatever TLS interception the machine's network does). The machine's pip constraints (its
+# package policy, e.g. a cap on the torch version) are carried too, so that the image resolves the same
+# versions as a virtual environment made here. Imported as IMAGE (default spade-base:python3.11-bookworm);
+# nothing is done when that image exists and was made by this version of the script.
 #
 #   scripts/stand-in-base.sh [IMAGE]
 set -euo pipefail
@@ -12,7 +14,9 @@ CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+STAND_IN_VERSION=2  # raise when what the stand-in carries changes: older stand-ins are rebuilt
+made_by=$(docker image inspect -f '{{ index .Config.Labels "spade.stand-in" }}' "$IMAGE" 2>/dev/null || true)
+if [ "$made_by" = "$STAND_IN_VERSION" ]; then
   echo "stand-in base $IMAGE is there"
   exit 0
 fi
@@ -47,8 +51,22 @@ if [ -s "$CA_BUNDLE" ]; then
   $SUDO cp "$CA_BUNDLE" "$root/usr/local/share/ca-certificates/machine-bundle.crt"
   $SUDO cp "$CA_BUNDLE" "$root/etc/ssl/certs/ca-certificates.crt"
 fi
+# the machine's pip constraints: $PIP_CONSTRAINT, else pip's configured `constraint` (files, space-separated)
+constraints=${PIP_CONSTRAINT:-$(python3 -m pip config list 2>/dev/null | sed -n -E "s/^(global|install)\.constraint='(.*)'$/\2/p" | head -n 1 || true)}
+constraint_env=()
+if [ -n "$constraints" ]; then
+  for file in $constraints; do
+    [ -f "$file" ] && $SUDO sh -c "cat '$file' >> '$root/etc/pip-constraints.txt'"
+  done
+  if [ -s "$root/etc/pip-constraints.txt" ]; then
+    echo "carrying this machine's pip constraints: $(tr '\n' ' ' < "$root/etc/pip-constraints.txt")"
+    constraint_env=(--change 'ENV PIP_CONSTRAINT=/etc/pip-constraints.txt')
+  fi
+fi
 $SUDO rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 $SUDO tar -C "$root" -c . | docker import \
+  --change "LABEL spade.stand-in=$STAND_IN_VERSION" \
+  "${constraint_env[@]}" \
   --change 'ENV LANG=C.UTF-8' \
   --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
   --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \

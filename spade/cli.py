@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from pipelines import cli as pipeline_cli
     from spade.data import fetch
-    from spade.serve import package, register, studio
+    from spade.serve import deploy, package, register, studio
 
     p = add(
         "pipeline", "Compile, run locally, submit or schedule the Kubeflow training pipeline.", pipeline_cli.EXAMPLES
@@ -238,6 +238,13 @@ def _parser() -> argparse.ArgumentParser:
         register.EXAMPLES,
     )
     register.add_arguments(p)
+
+    p = add(
+        "deploy",
+        "Make a model version live behind a running TorchServe: register, wait ready, switch, then retire the old.",
+        deploy.EXAMPLES,
+    )
+    deploy.add_arguments(p)
 
     p = add("studio", "The GauGAN painter: paint a label map in the browser, see the photo appear.", studio.EXAMPLES)
     studio.add_arguments(p)
@@ -479,6 +486,7 @@ COMMANDS = {
     "fetch": _main_of("spade.data.fetch"),
     "package": _main_of("spade.serve.package"),
     "register": _main_of("spade.serve.register"),
+    "deploy": _main_of("spade.serve.deploy"),
     "studio": _main_of("spade.serve.studio"),
 }
 

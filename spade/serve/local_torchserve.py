@@ -44,7 +44,9 @@ class LocalTorchServe:
     """Start with `start()` (or as a context manager); `stop()` ends the server and its workers.
 
     `base_config`: a config.properties to start from (e.g. the KServe layout's); its
-    addresses, model store and temp settings are replaced by private ones.
+    addresses, model store and temp settings are replaced by private ones (on 127.0.0.1).
+    `token_auth`: True / False turns token authorization on / off; None keeps what `base_config` says
+    (as its model API setting is kept), to run a shipped configuration as it is.
     `models`: "name=file.mar" entries to load at start (a config's model_snapshot also loads).
     `image`: run TorchServe in a container of this image (e.g. the project's spade:dev) instead of from this
     environment: host network, the image's own user, the model store (read-only) and the working directory
@@ -57,7 +59,7 @@ class LocalTorchServe:
         *,
         models: list[str] | None = None,
         base_config: str | Path | None = None,
-        token_auth: bool = True,
+        token_auth: bool | None = True,
         workdir: str | Path | None = None,
         extra_config: dict[str, str] | None = None,
         image: str | None = None,
@@ -94,11 +96,11 @@ class LocalTorchServe:
 
     @property
     def inference_key(self) -> str | None:
-        return self._keys().get("inference", {}).get("key") if self.token_auth else None
+        return self._keys().get("inference", {}).get("key")
 
     @property
     def management_key(self) -> str | None:
-        return self._keys().get("management", {}).get("key") if self.token_auth else None
+        return self._keys().get("management", {}).get("key")
 
     def headers(self, api: str = "inference") -> dict[str, str]:
         key = self.inference_key if api == "inference" else self.management_key
@@ -112,9 +114,10 @@ class LocalTorchServe:
             replaced = ("inference_address", "management_address", "metrics_address", "model_store", "vmargs")
             for line in self.base_config.read_text().splitlines():
                 key = line.split("=", 1)[0].strip()
-                if key in replaced or key == "disable_token_authorization":
+                if key in replaced or (key == "disable_token_authorization" and self.token_auth is not None):
                     continue
                 lines.append(line)
+        base_keys = {line.split("=", 1)[0].strip() for line in lines if "=" in line}
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         worker_port = free_port()
@@ -125,12 +128,14 @@ class LocalTorchServe:
             "grpc_inference_port": str(free_port()),
             "grpc_management_port": str(free_port()),
             "model_store": str(self.model_store),
-            "enable_model_api": "true",
-            "disable_token_authorization": "false" if self.token_auth else "true",
             "initial_worker_port": str(worker_port),
             "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Djava.io.tmpdir={tmp}",
             **self.extra_config,
         }
+        if self.base_config is None or "enable_model_api" not in base_keys:
+            settings.setdefault("enable_model_api", "true")
+        if self.token_auth is not None:
+            settings.setdefault("disable_token_authorization", "false" if self.token_auth else "true")
         keys = {line.split("=", 1)[0].strip() for line in lines if "=" in line}
         for key in settings:
             if key in keys:
@@ -179,7 +184,7 @@ class LocalTorchServe:
 
     def _ready(self) -> bool:
         if self.token_auth and not self.inference_key:
-            return False
+            return False  # token authorization on: the key file comes first
         try:
             models = self.request("GET", "/models", api="management")
         except (OSError, SpadeError):

@@ -114,8 +114,10 @@ def kserve_config_properties(name: str, version: str, options: ServingOptions, *
     lines = [
         "# TorchServe inside a KServe InferenceService (custom predictor container); written by spade package.",
         "# KServe mounts the storageUri at /mnt/models; clients call /v1/models/<name>:predict on this port.",
+        "# The management API answers on the pod's loopback only (no key needed there, none reachable from",
+        "# outside): `spade deploy --torchserve-url http://127.0.0.1:PORT` from inside the pod swaps versions.",
         f"inference_address=http://0.0.0.0:{port}",
-        f"management_address=http://0.0.0.0:{port + 1}",
+        f"management_address=http://127.0.0.1:{port + 1}",
         f"metrics_address=http://0.0.0.0:{port + 2}",
         "enable_metrics_api=true",
         "metrics_mode=prometheus",
@@ -125,8 +127,10 @@ def kserve_config_properties(name: str, version: str, options: ServingOptions, *
         "install_py_dep_per_model=false",
         "default_response_timeout=300",
         "model_store=/mnt/models/model-store",
-        # the cluster's own network policy and gateway authenticate; workers must not need a key file
+        # the inference API is authenticated by the cluster's network policy and gateway (KServe's clients send
+        # no TorchServe key); the management API is not reachable from outside the pod
         "disable_token_authorization=true",
+        "enable_model_api=true",
         f"model_snapshot={json.dumps(snapshot, separators=(',', ':'))}",
     ]
     return "\n".join(lines) + "\n"

@@ -47,21 +47,18 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spade.config import RegisterConfig, TrackingConfig, add_settings_arguments, load_settings, params_path
 from spade.errors import SpadeError
+from spade.serve.torchserve_api import TOKEN_ENV, TorchServe
 from spade.storage import Store, is_s3, split_s3
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ARCHIVE_ARTIFACT_PATH = "model-archive"
-TOKEN_ENV = "TORCHSERVE_MANAGEMENT_TOKEN"
 MANIFEST = "MAR-INF/MANIFEST.json"
 GATE_METRICS = ("fid", "mIoU")
 EPSILON = 1e-9  # float slack at the gate's boundary: a value exactly at the limit passes
@@ -73,7 +70,7 @@ EXAMPLES = """examples:
   # an S3 (or MinIO: AWS_ENDPOINT_URL) store, the decision as a file for the next pipeline step
   spade register --mar spade.mar --metrics metrics.json --store s3://models/spade --decision-out decision.json
   # register in TorchServe too (token: --torchserve-token or $TORCHSERVE_MANAGEMENT_TOKEN); default after promotion
-  spade register --mar spade.mar --metrics metrics.json --torchserve-url http://torchserve:8081
+  spade register --mar spade.mar --metrics metrics.json --torchserve-url http://127.0.0.1:8081
   # the training run is not in the archive (or is another one); promote whatever the gate says
   spade register --mar spade.mar --metrics metrics.json --run-id 3f2a... --force
 """
@@ -270,66 +267,6 @@ def gate(
 
 
 # --- TorchServe ---------------------------------------------------------------------------------
-
-
-class TorchServe:
-    """The two management API calls registration needs, over urllib."""
-
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    def _call(self, method: str, path: str) -> tuple[int, str]:
-        request = urllib.request.Request(f"{self.url}{path}", method=method, data=b"" if method != "GET" else None)
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, response.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            body = exc.read().decode("utf-8", "replace")
-            return exc.code, _server_message(body)
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise SpadeError(
-                f"cannot reach the TorchServe management API at {self.url} ({reason}); check --torchserve-url "
-                "(the management port, 8081 by default)"
-            ) from None
-
-    def _fail(self, what: str, status: int, message: str) -> SpadeError:
-        hint = ""
-        if status in (401, 403) or "token" in message.lower():
-            hint = f"; pass the management key with --torchserve-token or ${TOKEN_ENV}"
-        return SpadeError(f"TorchServe at {self.url} refused to {what}: HTTP {status}: {message}{hint}")
-
-    def register(self, archive_url: str, model_name: str) -> bool:
-        """Register (synchronously, one worker); False when this version was already registered."""
-        query = urllib.parse.urlencode(
-            {"url": archive_url, "model_name": model_name, "initial_workers": 1, "synchronous": "true"}
-        )
-        status, message = self._call("POST", f"/models?{query}")
-        if 200 <= status < 300:
-            return True
-        if status == 409:  # "Model version X is already registered for model NAME"
-            return False
-        raise self._fail(f"register {archive_url} as {model_name}", status, message)
-
-    def set_default(self, model_name: str, version: str) -> None:
-        name, ver = urllib.parse.quote(model_name, safe=""), urllib.parse.quote(version, safe="")
-        status, message = self._call("PUT", f"/models/{name}/{ver}/set-default")
-        if not 200 <= status < 300:
-            raise self._fail(f"make version {version} of {model_name} the default", status, message)
-
-
-def _server_message(body: str) -> str:
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return body.strip()[:500] or "(no message)"
-    if isinstance(data, dict) and data.get("message"):
-        return str(data["message"])
-    return body.strip()[:500]
 
 
 def archive_url_for_torchserve(archive_uri: str, file_name: str, explicit: str | None = None) -> str:
@@ -859,7 +796,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "./mlruns.db)",
     )
     parser.add_argument("--experiment", help="experiment of the registration run when the training run is unknown")
-    parser.add_argument("--torchserve-url", help="TorchServe management API, e.g. http://torchserve:8081")
+    parser.add_argument(
+        "--torchserve-url",
+        help="TorchServe management API, e.g. http://127.0.0.1:8081 (the shipped configuration binds it to loopback)",
+    )
     parser.add_argument("--torchserve-token", help=f"TorchServe management key (default: ${TOKEN_ENV})")
     parser.add_argument(
         "--torchserve-archive-url",

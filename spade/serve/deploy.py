@@ -1,0 +1,348 @@
+"""`spade deploy`: make a model version live behind a running TorchServe, with no request dropped.
+
+The swap, in order (each step only after the one before it succeeded):
+
+1. the archive is put where the server loads archives from: copied into `--model-store` (the server's
+   model store folder, for a server on this machine; written under a new name, then renamed) or handed
+   over as a URL the server may fetch (`--archive-url`, or the archive's own http(s) URI);
+2. it is registered as a new version of its model (the version in its manifest), and its workers are
+   waited for until every one is READY; with `--inference-url`, one request is sent to that version and
+   must answer with an image;
+3. it is made the model's default version: from then on requests to /predictions/NAME go to it;
+4. after `--drain` seconds (requests queued on the old version finish; where the server reports its
+   queue, until it is empty as well), the previous default version is unregistered (`--keep-previous`:
+   it stays, for a quick switch back).
+
+On a failure before step 3 the new version is unregistered again (when this command registered it) and
+its copied file removed, so the old version stays default and serving; the command exits non-zero with
+the reason. Deploying the version that is already default does nothing and says so.
+
+The archive is a path, an s3:// URI, or the registered model version of an MLflow alias (`--model NAME
+--alias champion`: the `archive_uri` that `spade register` recorded on the version, its sha256 checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from spade.errors import SpadeError
+from spade.serve.torchserve_api import TOKEN_ENV, TorchServe
+
+INFERENCE_TOKEN_ENV = "TORCHSERVE_INFERENCE_TOKEN"
+
+EXAMPLES = f"""examples:
+  # a TorchServe on this machine, its model store the folder dist/store
+  spade deploy --mar dist/landscapes.mar --torchserve-url http://127.0.0.1:8081 --model-store dist/store
+  # the champion of the MLflow Model Registry, checked with one request before the switch
+  spade deploy --model landscapes --alias champion --tracking-uri http://mlflow:5000 \\
+      --torchserve-url http://127.0.0.1:8081 --model-store /srv/model-store --inference-url http://127.0.0.1:8080
+  # a server that fetches archives itself (its allowed_urls must admit the URL)
+  spade deploy --mar dist/landscapes.mar --archive-url https://models.example.org/landscapes-2.mar \\
+      --torchserve-url http://127.0.0.1:8081
+
+Keys: --torchserve-token or ${TOKEN_ENV} (management), --inference-token or ${INFERENCE_TOKEN_ENV}.
+"""
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- where the archive comes from
+
+
+def resolve_registered_archive(model: str, alias: str, tracking_uri: str) -> dict:
+    """The archive of the version that `alias` (or a version number) points at in the MLflow registry:
+    {"uri", "sha256", "version", "model"}; SpadeError naming what is missing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if alias.isdigit():
+            mv = client.get_model_version(model, alias)
+        else:
+            mv = client.get_model_version_by_alias(model, alias)
+    except MlflowException as exc:
+        raise SpadeError(
+            f"MLflow at {tracking_uri} has no version {alias!r} of registered model {model!r} ({exc.message[:300]}); "
+            "`spade register` creates versions and sets the aliases candidate and champion"
+        ) from None
+    except OSError as exc:
+        raise SpadeError(f"cannot reach MLflow at {tracking_uri} ({exc}); check --tracking-uri") from None
+    tags = mv.tags or {}
+    uri = tags.get("archive_uri")
+    if not uri:
+        raise SpadeError(
+            f"version {mv.version} of {model!r} has no archive_uri tag: it was not registered by `spade register`"
+        )
+    return {"uri": uri, "sha256": tags.get("archive_sha256"), "version": str(mv.version), "model": model}
+
+
+def fetch_archive(location: str, folder: Path) -> Path:
+    """A local path for a path or s3:// URI of an archive (downloaded into `folder`)."""
+    from spade.storage import Store, is_s3, split_s3
+
+    if not is_s3(location):
+        path = Path(location)
+        if not path.is_file():
+            raise SpadeError(f"archive not found: {location}")
+        return path
+    bucket, key = split_s3(location)
+    parent, _, name = key.rpartition("/")
+    if not name:
+        raise SpadeError(f"archive {location} names a bucket, not a file")
+    return Store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").get(name, folder / name)
+
+
+# --------------------------------------------------------------------------- the swap
+
+
+def _place(archive: Path, model_store: Path, file_name: str) -> tuple[Path, bool]:
+    """The archive in the server's model store under `file_name`; True when this call wrote it."""
+    if not model_store.is_dir():
+        raise SpadeError(f"--model-store {model_store} is not a folder (the TorchServe model store)")
+    target = model_store / file_name
+    if target.is_file() and _sha256(target) == _sha256(archive):
+        return target, False
+    fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=model_store)
+    try:
+        with os.fdopen(fd, "wb") as dst, archive.open("rb") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.chmod(tmp, 0o644)  # the server may run as another user (a container's)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target, True
+
+
+def probe_png() -> bytes:
+    """A 64x64 label map of class value 0 (valid for every preset): what the check request sends."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def probe(inference_url: str, model_name: str, version: str, token: str | None, timeout: float) -> None:
+    """One request to exactly this version; SpadeError unless it answers 200 with a PNG."""
+    url = f"{inference_url.rstrip('/')}/predictions/{model_name}/{version}"
+    headers = {"Content-Type": "image/png"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=probe_png(), method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise SpadeError(
+            f"version {version} of {model_name} failed its check request: HTTP {exc.code}: "
+            f"{exc.read().decode('utf-8', 'replace')[:300]}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SpadeError(f"cannot reach the inference API at {inference_url} ({exc}); check --inference-url") from None
+    if not body.startswith(b"\x89PNG"):
+        raise SpadeError(f"version {version} of {model_name} answered its check request with no image")
+
+
+def deploy_to_torchserve(
+    archive: Path,
+    torchserve: TorchServe,
+    *,
+    model_name: str | None = None,
+    model_store: Path | None = None,
+    archive_url: str | None = None,
+    workers: int = 1,
+    ready_timeout: float = 300.0,
+    drain: float = 5.0,
+    inference_url: str | None = None,
+    inference_token: str | None = None,
+    keep_previous: bool = False,
+    say: Callable[[str], None] = _say,
+) -> dict:
+    """Make `archive` the default version of its model in `torchserve` (the steps of the module doc)."""
+    from spade.serve.register import read_archive
+
+    info = read_archive(archive)
+    name = model_name or info.model_name
+    version = info.version
+    started = time.monotonic()
+    result = {
+        "model_name": name,
+        "version": version,
+        "torchserve": torchserve.url,
+        "archive": str(archive),
+        "archive_sha256": info.sha256,
+        "previous": torchserve.default_version(name),
+        "registered": False,
+        "default": False,
+        "unregistered": [],
+    }
+    if result["previous"] == version:
+        torchserve.wait_ready(name, version, ready_timeout)
+        say(f"deploy: version {version} of {name} is already the default at {torchserve.url}; nothing to do")
+        result.update(default=True, already_live=True, seconds=round(time.monotonic() - started, 2))
+        return result
+
+    placed, wrote = None, False
+    if archive_url is None:
+        if model_store is None:
+            raise SpadeError(
+                "TorchServe must be able to load the archive: pass --model-store (its model store folder, for a "
+                "server on this machine) or --archive-url (a URL the server may fetch)"
+            )
+        file_name = f"{name}-{version}-{info.sha256[:12]}.mar"
+        placed, wrote = _place(archive, model_store, file_name)
+        archive_url = file_name
+    result["archive_url"] = archive_url
+
+    registered_now = False
+    try:
+        if version in torchserve.versions(name):
+            say(f"deploy: version {version} of {name} is registered already (not the default); checking it")
+        else:
+            say(f"deploy: registering {archive_url} as version {version} of {name} ({workers} worker(s))")
+            # asynchronously: a synchronous registration holds one of the server's network threads until the
+            # workers are up, and the requests that land on that thread would wait with it
+            registered_now = torchserve.register(archive_url, name, workers=workers, synchronous=False)
+            if not registered_now:
+                raise SpadeError(
+                    f"TorchServe already has a version {version} of {name} from another archive; give each archive "
+                    "its own version (spade package --version)"
+                )
+        result["registered"] = True
+        torchserve.wait_ready(name, version, ready_timeout)
+        if inference_url:
+            probe(inference_url, name, version, inference_token, ready_timeout)
+            say(f"deploy: version {version} answered its check request")
+        torchserve.set_default(name, version)
+    except BaseException as exc:
+        if registered_now:  # leave the server as it was: the old default keeps serving, alone
+            try:
+                torchserve.unregister(name, version)
+            except SpadeError as cleanup:
+                say(f"deploy: could not unregister the failed version {version} again: {cleanup}")
+        if wrote and placed is not None:
+            placed.unlink(missing_ok=True)
+        if isinstance(exc, SpadeError):
+            kept = f"version {result['previous']} stays the default" if result["previous"] else "nothing was deployed"
+            raise SpadeError(f"deploy of {archive} failed, {kept}: {exc}") from None
+        raise
+    result["default"] = True
+    say(f"deploy: version {version} of {name} is the default now (was {result['previous'] or 'none'})")
+
+    previous = result["previous"]
+    if previous and not keep_previous:
+        _drain(torchserve, name, previous, drain)
+        try:
+            torchserve.unregister(name, previous, synchronous=False)
+            result["unregistered"].append(previous)
+            say(f"deploy: unregistered version {previous}")
+        except SpadeError as exc:  # the new version serves; the old one is only left over
+            result["unregister_error"] = str(exc)
+            say(f"deploy: warning: version {version} serves, but version {previous} could not be unregistered: {exc}")
+    result["seconds"] = round(time.monotonic() - started, 2)
+    result["time"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return result
+
+
+def _drain(torchserve: TorchServe, name: str, version: str, seconds: float, *, limit: float = 300.0) -> None:
+    """Give requests already sent to the old version time to finish before it goes: `seconds` during which
+    its queue stayed empty (where the server reports its queue; else `seconds` plainly), so that the batch a
+    worker took last is answered too. At most `limit` seconds in all."""
+    start = time.monotonic()
+    quiet_since = start
+    while time.monotonic() - start < limit:
+        pending = torchserve.pending_requests(name, version)
+        now = time.monotonic()
+        if pending:
+            quiet_since = now
+        elif now - quiet_since >= seconds:
+            return
+        time.sleep(min(0.25, max(0.0, seconds - (now - quiet_since))))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mar", help="the archive (.mar): a path or s3:// URI")
+    what.add_argument("--model", help="a registered model of the MLflow Model Registry (with --alias)")
+    parser.add_argument("--alias", default="champion", help="alias or version number of --model (default champion)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking server for --model (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--torchserve-url", required=True, help="TorchServe management API, e.g. http://127.0.0.1:8081")
+    parser.add_argument("--torchserve-token", help=f"management key (default: ${TOKEN_ENV})")
+    parser.add_argument("--model-store", type=Path, help="the server's model store folder (the archive is copied in)")
+    parser.add_argument("--archive-url", help="a URL the server fetches the archive from (instead of --model-store)")
+    parser.add_argument("--model-name", help="the model's name in TorchServe (default: the archive's)")
+    parser.add_argument("--workers", type=int, default=1, help="workers of the new version (default 1)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for its workers (default 300)")
+    parser.add_argument(
+        "--drain", type=float, default=5.0, help="seconds the old version keeps serving after the switch (default 5)"
+    )
+    parser.add_argument("--inference-url", help="inference API (e.g. http://127.0.0.1:8080): one check request first")
+    parser.add_argument("--inference-token", help=f"inference key (default: ${INFERENCE_TOKEN_ENV})")
+    parser.add_argument("--keep-previous", action="store_true", help="leave the previous version registered")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.workers < 1 or args.timeout <= 0 or args.drain < 0:
+        raise SpadeError("--workers must be at least 1, --timeout positive and --drain not negative")
+    registered = None
+    with tempfile.TemporaryDirectory(prefix="spade-deploy-") as tmp:
+        if args.model:
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise SpadeError("--model needs the MLflow server: --tracking-uri or $MLFLOW_TRACKING_URI")
+            registered = resolve_registered_archive(args.model, args.alias, uri)
+            archive = fetch_archive(registered["uri"], Path(tmp))
+            if registered["sha256"] and _sha256(archive) != registered["sha256"]:
+                raise SpadeError(
+                    f"{registered['uri']} does not have the sha256 recorded on version {registered['version']} of "
+                    f"{args.model}: the stored archive changed since it was registered"
+                )
+            _say(f"deploy: {args.model} {args.alias} is version {registered['version']}: {registered['uri']}")
+        else:
+            archive = fetch_archive(args.mar, Path(tmp))
+        torchserve = TorchServe(args.torchserve_url, args.torchserve_token or os.environ.get(TOKEN_ENV) or None)
+        result = deploy_to_torchserve(
+            archive,
+            torchserve,
+            model_name=args.model_name,
+            model_store=args.model_store,
+            archive_url=args.archive_url,
+            workers=args.workers,
+            ready_timeout=args.timeout,
+            drain=args.drain,
+            inference_url=args.inference_url,
+            inference_token=args.inference_token or os.environ.get(INFERENCE_TOKEN_ENV) or None,
+            keep_previous=args.keep_previous,
+        )
+    if registered is not None:
+        result["registry"] = registered
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
