@@ -117,10 +117,11 @@ def checkpoint_run_id(checkpoint: str | Path) -> str:
 def train_local(params: dict, *, data_root: Path, layout: str, out_dir: Path) -> tuple[Path, str, int]:
     """Train in this process (kfp.local): (final model, MLflow run id, iterations)."""
     from spade.errors import SpadeError
-    from spade.local_runs import without_missing_vgg
     from spade.train.loop import train
 
-    cfg = without_missing_vgg(train_settings(params, data_root=data_root, out_dir=out_dir, layout=layout), say)
+    # train.vgg_loss as the params say: missing VGG19 weights stop the run (the trainer names the file and
+    # the setting), they never turn the loss off behind the user's back
+    cfg = train_settings(params, data_root=data_root, out_dir=out_dir, layout=layout)
     say(f"training {cfg.train.iterations} iterations on {data_root} -> {out_dir}")
     result = train(cfg, resume="")
     if result.stopped_by_signal or result.final_model is None:
@@ -166,13 +167,19 @@ def pseudolabel_photos(
 
 
 def evaluation_split(root: Path, wanted: str) -> str:
-    """`wanted` when the dataset has it, else the other split (a pseudo-labelled collection may have no val)."""
+    """`wanted`, checked: a dataset without that split is an error that says what to do, never a silent
+    evaluation on the other split (the training labels would flatter the model)."""
+    from spade.errors import SpadeError
+
     if (root / f"{wanted}_label").is_dir() or wanted not in SPLITS:
         return wanted
     other = [s for s in SPLITS if s != wanted and (root / f"{s}_label").is_dir()]
     if other:
-        say(f"note: {root} has no {wanted} split; evaluating on {other[0]}")
-        return other[0]
+        raise SpadeError(
+            f"{root} has no {wanted} split to evaluate on (a pseudo-labelled photo collection has only {other[0]}): "
+            f"give the pipeline eval_data (real label maps), or set evaluate.split: {other[0]} (eval_split) to score "
+            "against those labels; the split is recorded in metrics.json and on the MLflow run"
+        )
     return wanted
 
 

@@ -4,6 +4,7 @@ against a stand-in for the Kubernetes CustomObjectsApi."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -244,3 +245,42 @@ def test_cluster_mode_needs_a_workspace_claim(work: dict, trained: tuple, tmp_pa
         train.python_func(
             dataset=dataset, model=artifact(dsl.Model, tmp_path / "m"), params=work["params"], mode="cluster"
         )
+
+
+def test_evaluation_never_falls_back_to_another_split(work: dict, trained: tuple, tmp_path: Path) -> None:
+    """A dataset without the asked-for split (a pseudo-labelled collection has only train) stops the
+    evaluation with what to do; scoring the training labels happens only when the split says so."""
+    from spade.errors import SpadeError
+
+    model, _ = trained
+    only_train = tmp_path / "only-train"
+    shutil.copytree(work["data"], only_train, ignore=shutil.ignore_patterns("val_*"))
+    dataset = artifact(dsl.Dataset, only_train, layout="custom", root="")
+
+    def run(split: str, out: str) -> object:
+        return evaluate.python_func(
+            model=model, dataset=dataset, metrics=artifact(dsl.Metrics, tmp_path / f"m-{out}"),
+            evaluation=artifact(dsl.Artifact, tmp_path / out), params=work["params"], segmenter="small",
+            segmenter_weights=str(work["segmenter"]), batch_size=4, split=split,
+        )  # fmt: skip
+
+    with pytest.raises(SpadeError, match=r"has no val split.*eval_data.*evaluate.split: train"):
+        run("val", "val")
+    assert not (tmp_path / "val" / "metrics.json").exists()
+    run("train", "train")  # explicit: allowed, and recorded
+    written = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert written["data"]["split"] == "train"
+
+
+def test_the_train_task_never_drops_the_vgg_loss(work: dict, tmp_path: Path, monkeypatch) -> None:
+    """train.vgg_loss=true without the VGG19 weights stops the task naming the file, instead of training
+    without the loss as it once did behind the user's back."""
+    from spade.errors import SpadeError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    params = json.loads(json.dumps(work["params"]))
+    params["train"]["vgg_loss"] = True
+    dataset = artifact(dsl.Dataset, work["data"], layout="custom", root="")
+    with pytest.raises(SpadeError, match="vgg19-dcbb9e9d.pth"):
+        train.python_func(dataset=dataset, model=artifact(dsl.Model, tmp_path / "m"), params=params, mode="local")
+    assert not (tmp_path / "m" / "final.pt").exists()

@@ -95,6 +95,19 @@ def test_evaluate_writes_metrics_grid_and_logs_to_the_training_run(world, tmp_pa
     assert "eval_fid" in run.data.metrics
     assert run.data.tags["eval_precision"] == m["precision"]
     assert run.data.tags["spade.stage"] == "evaluation"
+    # what the numbers were measured on, for the promotion gate: the val files' own fingerprint
+    from spade.data.fingerprint import samples_fingerprint
+    from spade.data.layouts import find_pairs
+
+    assert m["data"] == {
+        "fingerprint": samples_fingerprint(find_pairs(data)),
+        "split": "val",
+        "layout": data.layout,
+        "images": 8,
+    }
+    assert run.data.tags["eval_data_fingerprint"] == m["data"]["fingerprint"] and run.data.tags["eval_split"] == "val"
+    train_split = evaluate(world["model"], DataConfig(root=str(world["data"]), split="train", max_samples=8), **kwargs)
+    assert train_split.metrics["data"]["fingerprint"] != m["data"]["fingerprint"]
 
 
 def test_the_real_images_score_better_than_an_untrained_model(world, tmp_path):

@@ -227,14 +227,17 @@ def test_gate_keeps_worse_candidates_promotes_better_ones_and_passes_at_the_boun
     assert versions_of(client, name) == ["1", "2", "3", "4", "5"]
 
 
-def test_missing_metrics_are_not_compared_and_force_overrides(tmp_path, client, mlflow_uri):
+def test_a_candidate_lacking_a_metric_the_champion_has_is_not_promoted_and_force_overrides(
+    tmp_path, client, mlflow_uri
+):
     name = "spade-partial"
     register = Registrar(tmp_path, mlflow_uri, name)
     register({"fid": 30.0, "mIoU": 0.5})
 
-    fid_only = register({"fid": 29.0, "mIoU": None})  # mIoU null (no pixel scored): judged on FID alone
-    assert fid_only["promoted"] and [c["metric"] for c in fid_only["checks"]] == ["fid"]
-    assert fid_only["skipped"] == ["mIoU not compared (missing for the candidate)"]
+    fid_only = register({"fid": 29.0, "mIoU": None})  # mIoU null (no pixel scored): better FID is not enough
+    assert not fid_only["promoted"] and alias(client, name, "champion") == "1"
+    assert "the candidate has no mIoU, which champion v1 has (0.5)" in fid_only["reason"]
+    assert "the candidate has no mIoU" in client.get_model_version(name, "2").tags["decision.reason"]
 
     with pytest.raises(SpadeError, match=r"neither 'fid' nor 'mIoU'.*--force"):
         register({"accuracy": 0.9})
@@ -249,6 +252,46 @@ def test_missing_metrics_are_not_compared_and_force_overrides(tmp_path, client, 
     after = register({"fid": 10.0, "mIoU": 0.9})
     assert not after["promoted"] and "nothing to compare with champion v3" in after["reason"]
     assert alias(client, name, "champion") == "3"
+
+    # a metric only the candidate has is noted, not held against it
+    name = "spade-fid-later"
+    register = Registrar(tmp_path / "b", mlflow_uri, name)
+    register({"fid": None, "mIoU": 0.5})
+    more = register({"fid": 25.0, "mIoU": 0.51})
+    assert more["promoted"] and more["skipped"] == ["fid not compared (missing for champion v1)"]
+
+
+def scored(fid: float, miou: float, fingerprint: str = "a" * 64, segmenter: str = "small") -> dict:
+    """metrics.json as `spade evaluate` writes it: the numbers and what they were measured on."""
+    return {"fid": fid, "mIoU": miou, "segmenter": segmenter, "data": {"fingerprint": fingerprint, "split": "val"}}
+
+
+def test_the_gate_compares_only_numbers_measured_on_the_same_data_with_the_same_segmenter(tmp_path, client, mlflow_uri):
+    name = "spade-protocol"
+    register = Registrar(tmp_path, mlflow_uri, name)
+    first = register(scored(30.0, 0.5))
+    tags = client.get_model_version(name, "1").tags
+    assert tags["eval.data_fingerprint"] == "a" * 64 and tags["eval.segmenter"] == "small"
+    assert first["protocol"] == {"data_fingerprint": "a" * 64, "segmenter": "small", "split": "val"}
+
+    # far better numbers, but on other data (an easier split, a different sample): not comparable
+    other_data = register(scored(5.0, 0.9, fingerprint="b" * 64))
+    assert not other_data["promoted"] and alias(client, name, "champion") == "1"
+    assert "scored on other data than champion v1 (bbbbbbbbbbbb vs aaaaaaaaaaaa)" in other_data["reason"]
+    other_segmenter = register(scored(5.0, 0.9, segmenter="deeplabv2-cocostuff"))
+    assert not other_segmenter["promoted"]
+    assert "scored on other segmenter than champion v1 (deeplabv2-cocostuff vs small)" in other_segmenter["reason"]
+
+    same = register(scored(29.0, 0.51))
+    assert same["promoted"] and alias(client, name, "champion") == "4"
+
+    # a champion registered before the protocol was recorded: its numbers alone, and the decision says so
+    name = "spade-old-champion"
+    register = Registrar(tmp_path / "old", mlflow_uri, name)
+    register({"fid": 30.0, "mIoU": 0.5})
+    newer = register(scored(29.0, 0.5))
+    assert newer["promoted"]
+    assert "the data champion v1 was scored on is not recorded: compared on the numbers alone" in newer["skipped"]
 
 
 # --- stores -------------------------------------------------------------------------------------

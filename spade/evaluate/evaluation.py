@@ -133,6 +133,13 @@ def evaluate(
         "ignore_index": scores["ignore_index"],
     }
     metrics["checkpoint"] = str(checkpoint)
+    # what the numbers were measured on: the promotion gate compares only numbers of the same data
+    metrics["data"] = {
+        "fingerprint": _data_fingerprint(samples),
+        "split": data.split,
+        "layout": data.layout,
+        "images": len(samples),
+    }
     metrics["segmenter"] = segmenter
     metrics["precision"] = synth.precision  # as resolved: "auto" depends on the machine, and so may the numbers
     metrics["seconds"] = round(time.perf_counter() - start, 2)
@@ -157,6 +164,12 @@ def evaluate(
     grid_path = save_png(grid, out_dir / "samples.png")
     run_id = _log_to_mlflow(synth.checkpoint.meta, metrics, metrics_path, grid_path, tracking or TrackingConfig())
     return EvaluationResult(metrics, metrics_path, grid_path, run_id)
+
+
+def _data_fingerprint(samples: list) -> str:
+    from spade.data.fingerprint import samples_fingerprint
+
+    return samples_fingerprint(samples)
 
 
 def _real_key(samples: list, size: tuple[int, int]) -> str:
@@ -241,7 +254,12 @@ def _log_to_mlflow(meta: dict, metrics: dict, metrics_path: Path, grid_path: Pat
         client.log_batch(
             run_id,
             metrics=[Metric(k, v, stamp, step) for k, v in scalars.items()],
-            tags=[RunTag("eval_precision", metrics["precision"])],
+            tags=[
+                RunTag("eval_precision", metrics["precision"]),
+                RunTag("eval_split", str(metrics["data"]["split"])),
+                RunTag("eval_data_fingerprint", str(metrics["data"]["fingerprint"])),
+                RunTag("eval_segmenter", str(metrics["segmenter"])),
+            ],
         )
         client.log_artifact(run_id, str(metrics_path), "evaluation")
         client.log_artifact(run_id, str(grid_path), "evaluation")

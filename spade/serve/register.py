@@ -18,10 +18,14 @@ One call:
 
 The gate: lower FID is better, higher mIoU is better. A candidate passes when
 FID <= champion FID + fid_tolerance and mIoU >= champion mIoU - miou_tolerance (the boundary
-passes). A metric missing on either side (absent, or null like mIoU when no pixel was scored) is not
-compared, but at least one must be: a candidate without FID and mIoU is refused, and one that shares
-no metric with the champion is not promoted; `force` promotes regardless (and says so). The first
-version of a model (no champion yet) is promoted.
+passes). Numbers are only compared when they were measured alike: a candidate scored on other data
+than the champion (the evaluation's data fingerprint, in metrics.json and on the version) or with
+another segmenter is not promoted, and neither is one that lacks a metric the champion has (absent, or
+null like mIoU when no pixel was scored); the decision says which. A metric only the candidate has is
+not compared (noted), but at least one must be: a candidate without FID and mIoU is refused, and one
+that shares no metric with the champion is not promoted. A champion registered before the protocol was
+recorded is compared on its numbers alone (noted). `force` promotes regardless (and says so). The
+first version of a model (no champion yet) is promoted.
 
 Model version sources: an MLflow server only accepts a local path as a source when it lies inside
 the artifact folder of the version's run, and refuses http(s) URLs that are not its own artifact
@@ -215,6 +219,27 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
+PROTOCOL_KEYS = {"data_fingerprint": "data", "segmenter": "segmenter"}
+
+
+def read_protocol(metrics: str | Path | dict) -> dict:
+    """How an evaluation's numbers were measured: {'data_fingerprint', 'segmenter', 'split'} (None where the
+    metrics do not say, as in files written before they did)."""
+    if isinstance(metrics, dict):
+        data = metrics
+    else:
+        try:
+            data = json.loads(Path(metrics).read_text())
+        except (OSError, ValueError):
+            data = {}
+    evaluated = data.get("data") if isinstance(data.get("data"), dict) else {}
+    return {
+        "data_fingerprint": evaluated.get("fingerprint") or None,
+        "segmenter": data.get("segmenter") if isinstance(data.get("segmenter"), str) else None,
+        "split": evaluated.get("split") or None,
+    }
+
+
 def gate(
     candidate: dict,
     champion: dict | None,
@@ -222,19 +247,36 @@ def gate(
     fid_tolerance: float,
     miou_tolerance: float,
     champion_version: str | None = None,
+    candidate_protocol: dict | None = None,
+    champion_protocol: dict | None = None,
 ) -> dict:
     """Whether `candidate` ({'fid', 'mIoU'}) may replace `champion` (None: there is none yet).
 
+    The protocols ({'data_fingerprint', 'segmenter'}, see read_protocol) must agree where both are known.
     Returns {'passed', 'reason', 'checks': [{metric, candidate, champion, tolerance, limit, passed}], 'skipped'}.
     """
     if champion is None:
         return {"passed": True, "reason": "no champion yet: the first version is promoted", "checks": [], "skipped": []}
     who = f"champion v{champion_version}" if champion_version else "the champion"
-    checks, skipped = [], []
+    checks, skipped, refusals = [], [], []
+    mine, theirs = candidate_protocol or {}, champion_protocol or {}
+    for key, what in PROTOCOL_KEYS.items():
+        new, old = mine.get(key), theirs.get(key)
+        if new and old and new != old:
+            shown = (new[:12], old[:12]) if key == "data_fingerprint" else (new, old)
+            refusals.append(
+                f"scored on other {what} than {who} ({shown[0]} vs {shown[1]}): the numbers are not comparable; "
+                "evaluate the candidate as the champion was"
+            )
+        elif new and not old:
+            skipped.append(f"the {what} {who} was scored on is not recorded: compared on the numbers alone")
     for metric in GATE_METRICS:
         new, old = candidate.get(metric), champion.get(metric)
-        if new is None or old is None:
-            skipped.append(f"{metric} not compared (missing for {'the candidate' if new is None else who})")
+        if old is None:
+            skipped.append(f"{metric} not compared (missing for {who if new is not None else 'both'})")
+            continue
+        if new is None:
+            refusals.append(f"the candidate has no {metric}, which {who} has ({_fmt(old)})")
             continue
         if metric == "fid":  # lower is better
             limit = old + fid_tolerance
@@ -251,6 +293,13 @@ def gate(
             | {"passed": ok, "text": text}
         )
     notes = f"; {'; '.join(skipped)}" if skipped else ""
+    if refusals:
+        return {
+            "passed": False,
+            "reason": "not comparable with " + who + ": " + "; ".join(refusals) + notes,
+            "checks": checks,
+            "skipped": skipped,
+        }
     if not checks:
         return {
             "passed": False,
@@ -409,6 +458,7 @@ def register(
             archive=archive,
             candidate=candidate,
             scalars=scalars,
+            protocol=read_protocol(metrics),
             name=cfg.model_name or archive.model_name,
             uri=resolve_registry_uri(tracking_uri, tcfg, archive.meta),
             cfg=cfg,
@@ -432,6 +482,7 @@ class _Registration:
     archive: Archive
     candidate: dict
     scalars: dict
+    protocol: dict
     name: str
     uri: str
     cfg: RegisterConfig
@@ -480,13 +531,14 @@ class _Registration:
         # 1. the registry answers; the champion and the training run (when on this server) are read
         registered = self.lookup(f"read registered model {name!r}", client.get_registered_model, name)
         self.model_exists = registered is not None
-        champion_version, previous = None, None
+        champion_version, previous, champion_protocol = None, None, None
         if registered is not None and (registered.aliases or {}).get(CHAMPION) is not None:
             champion_version = str(registered.aliases[CHAMPION])
             champion = self.call(
                 f"read version {champion_version} of {name!r}", client.get_model_version, name, champion_version
             )
             previous = {"version": champion_version, **_model_version_metrics(champion)}
+            champion_protocol = {k: (champion.tags or {}).get(f"eval.{k}") or None for k in PROTOCOL_KEYS}
         run = None
         if training_run_id:
             run = self.lookup(f"read run {training_run_id}", client.get_run, training_run_id)
@@ -505,6 +557,8 @@ class _Registration:
             fid_tolerance=cfg.fid_tolerance,
             miou_tolerance=cfg.miou_tolerance,
             champion_version=champion_version,
+            candidate_protocol=self.protocol,
+            champion_protocol=champion_protocol,
         )
         promoted = result["passed"] or self.force
         reason = result["reason"]
@@ -534,6 +588,7 @@ class _Registration:
             "champion": None if promoted else champion_version,
             "previous_champion": previous,
             "candidate": dict(self.candidate),
+            "protocol": dict(self.protocol),
             "metrics": self.scalars,
             "checks": [{k: v for k, v in c.items() if k != "text"} for c in result["checks"]],
             "skipped": result["skipped"],
@@ -620,6 +675,7 @@ class _Registration:
             "mar_version": archive.version,
             **{f"metric.{k}": str(v) for k, v in self.scalars.items()},
             **{f"metric.{k}": str(v) for k, v in self.candidate.items() if v is not None},
+            **{f"eval.{k}": str(v) for k, v in self.protocol.items() if v},
             **_decision_tags(decision),
         }
         if not self.model_exists:
