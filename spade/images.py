@@ -27,6 +27,9 @@ from PIL import Image, UnidentifiedImageError
 from spade.errors import SpadeError
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# The formats spade reads (spade.data.suffixes.IMAGE_SUFFIXES). Others are not even tried: some decode
+# inside Image.open, before any size can be checked (an ICO holding a huge PNG, for one).
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 ENV_NAME = "SPADE_MAX_IMAGE_PIXELS"
 # What a damaged or non-image file raises while its header is read or its pixels are decoded.
 READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
@@ -77,8 +80,9 @@ def open_image(
     The limit is max_pixels(), or `limit` where that is lower (a caller's own budget, such as a server's).
 
     The pixels are loaded before the image is handed over, so every decoding problem surfaces here:
-    a missing file, a non-image and a truncated one raise SpadeError naming `name` (default: the path)
-    and `what` it was meant to be; a too large one raises ImageTooLarge.
+    a missing file, a non-image (or an image in a format outside FORMATS) and a truncated one raise
+    SpadeError naming `name` (default: the path) and `what` it was meant to be; a too large one raises
+    ImageTooLarge.
     """
     limit = max_pixels() if limit is None else min(limit, max_pixels())
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
@@ -86,7 +90,7 @@ def open_image(
     if name is None:
         name = "the uploaded data" if isinstance(source, bytes) else str(source)
     try:
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
     except FileNotFoundError:
         raise UnreadableImage(name, what, "no such file") from None
     except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its limit: the size is in its text

@@ -225,3 +225,14 @@ def test_deploy_needs_a_way_for_the_server_to_load_the_archive(world, server):
     with pytest.raises(SpadeError, match="pass --model-store .* or --archive-url"):
         deploy_to_torchserve(world["mar2"], TorchServe(server.management_url), say=lambda _: None)
     assert TorchServe(server.management_url).versions(NAME) == ["1"]
+
+
+def test_another_archive_under_a_version_the_server_has_is_refused(world, server, tmp_path):
+    """Versions name archives: model 2 packaged as version 1 again must not pass for the live version 1."""
+    package(world["root"] / "model2.pt", name=NAME, version="1", out=tmp_path / "dist", options=FLOAT32)
+    ts = TorchServe(server.management_url)
+    with pytest.raises(SpadeError, match=r"already has version 1 of tiny, loaded from tiny.mar, not from this archive"):
+        deploy_to_torchserve(tmp_path / "dist" / f"{NAME}.mar", ts, model_store=server.model_store, say=lambda _: None)
+    # the very archive that is live is recognised by its content, whatever its file name
+    again = deploy_to_torchserve(world["mar1"], ts, model_store=server.model_store, say=lambda _: None)
+    assert again.get("already_live") and ts.default_version(NAME) == "1"

@@ -643,3 +643,129 @@ def test_links_to_links_that_stay_inside_are_kept(tmp_path):
     )
     result = fetch_dataset(str(archive), tmp_path / "d", progress=False)
     assert result.layout == "photos" and (tmp_path / "d" / "sub" / "d.jpg").read_text() == "data"
+
+
+# --------------------------------------------------------------------------- what a review found
+
+
+def test_a_bomb_is_refused_before_a_single_entry_is_extracted(tmp_path, monkeypatch):
+    """Refusal from the headers alone: neither tarfile's nor zipfile's extraction is ever called."""
+    bombs = [bomb(tmp_path / f"bomb.{kind}", kind) for kind in ("zip", "tar.gz")]
+    calls = []
+    monkeypatch.setattr(tarfile.TarFile, "extract", lambda *a, **k: calls.append(("tar", a[1].name)))
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: calls.append(("zip", a[1])))
+    for archive in bombs:
+        with pytest.raises(SpadeError, match="--max-ratio"):
+            fetch_dataset(str(archive), tmp_path / "out", progress=False)
+    assert calls == []
+
+
+def test_a_sparse_tar_entry_is_refused(tmp_path):
+    """A sparse entry's map, not its size, says how much tarfile writes: 0 bytes declared, 20 MiB written."""
+    m = tarfile.TarInfo("data/holes.bin")
+    m.type = tarfile.GNUTYPE_SPARSE
+    m.size = 1
+    archive = tmp_path / "sparse.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(m, io.BytesIO(b"x"))
+    with pytest.raises(SpadeError, match="refused entry 'data/holes.bin': a sparse file"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False)
+    assert everything_under(tmp_path) == ["sparse.tar"]
+
+
+def test_a_huge_tar_metadata_header_is_refused_without_reading_it(tmp_path):
+    """A GNU long-name record claiming 300 MiB (gzip makes it 300 KB) is refused from its size."""
+    import gzip
+    import resource
+
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = tarfile.GNUTYPE_LONGNAME, 300 * 2**20
+    raw = header.tobuf(format=tarfile.USTAR_FORMAT)
+    archive = tmp_path / "long.tar.gz"
+    with gzip.open(archive, "wb") as gz:
+        gz.write(raw)
+        zeros = bytes(2**20)
+        for _ in range(300):
+            gz.write(zeros)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(SpadeError, match="a tar metadata header .* larger than 1.0 MiB"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 100  # reading the record would have taken 300 MiB
+    assert everything_under(tmp_path) == ["long.tar.gz"]
+
+
+def test_a_damaged_header_after_the_first_entry_is_an_error_not_a_short_dataset(tmp_path):
+    archive = tmp_path / "cut.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name in ("data/a.txt", "data/b.txt"):
+            m = tarfile.TarInfo(name)
+            m.size = 2
+            tf.addfile(m, io.BytesIO(b"ok"))
+    raw = bytearray(archive.read_bytes())
+    raw[1024 + 148 : 1024 + 156] = b"garbage!"  # the second header's checksum field
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(SpadeError, match="damaged after entry 'data/a.txt'"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(
+    "case, entries",
+    [
+        ("nul-in-link", [("data/l", "a\x00b")]),
+        ("unknown-method", "method"),
+        ("corrupt-deflate", "deflate"),
+    ],
+)
+def test_damaged_zips_give_one_clear_error(tmp_path, case, entries):
+    archive = tmp_path / "bad.zip"
+    if isinstance(entries, list):
+        zip_with_links(archive, ("data/ok.txt", None), *entries)
+    else:
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("data/ok.txt", "ok" * 1000)
+        raw = bytearray(archive.read_bytes())
+        if entries == "method":  # compression method 99 in the local and central headers
+            for start in (0, raw.index(b"PK\x01\x02")):
+                offset = 8 if start == 0 else 10
+                raw[start + offset : start + offset + 2] = (99).to_bytes(2, "little")
+        else:
+            raw[40:48] = b"\xff" * 8  # inside the deflate stream
+        archive.write_bytes(bytes(raw))
+    with pytest.raises(SpadeError, match=f"{archive}: (refused entry|cannot extract)"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False)
+
+
+def test_a_chain_of_links_built_to_take_exponential_time_is_refused_at_once(tmp_path):
+    """Each link names the one before it four times: resolving without one budget per lookup takes 4^n."""
+    import time
+
+    entries = [("data/d/f.txt", None), ("data/l0", "d")]
+    for k in range(1, 24):
+        entries.append((f"data/l{k}", "/../".join([f"l{k - 1}"] * 4)))
+    archive = zip_with_links(tmp_path / "chain.zip", *entries)
+    start = time.monotonic()
+    with pytest.raises(SpadeError, match="or a chain of more than 40 links"):
+        fetch_dataset(str(archive), tmp_path / "out", progress=False)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+@pytest.mark.parametrize("chain", ["up-through-a-link", "two-hops", "link-made-later"])
+def test_escaping_links_alone_are_refused_by_the_plan_before_anything_exists(tmp_path, kind, chain):
+    """The same chains without a file below them: nothing passes through a link, so only resolving the
+    links through the archive's own tree tells that they lead out."""
+    links = [(name, target) for name, target in CHAINS[chain] if target is not None]
+    make = zip_with_links if kind == "zip" else tar_with_links
+    archive = make(tmp_path / f"links.{kind}", ("ds/ok.txt", None), *links)
+    with pytest.raises(SpadeError, match=r"refused entry .*: a link to .* outside it"):
+        fetch_mod._extract(archive, tmp_path / "tree", str(archive))
+    assert not any(p.is_symlink() for p in (tmp_path / "tree").rglob("*"))  # refused before any was made
+
+
+def test_sizes_and_limits_must_be_finite():
+    for text in ("inf", "nan", "1e400", "0.1", "-5", "0"):
+        with pytest.raises(SpadeError, match="not a size"):
+            fetch_mod.parse_size(text)
+    with pytest.raises(SpadeError, match="positive finite"):
+        ExtractLimits(max_ratio=float("inf"))

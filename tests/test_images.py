@@ -157,3 +157,17 @@ def test_a_base64_bomb_in_a_request_body_is_refused_before_decoding(tmp_path):
     with pytest.raises(RequestError) as err:
         decode_image(decode_base64(text, "label"), "'label'", 4096 * 4096)
     assert err.value.status == 413 and "'label' is 400000000 pixels; the limit is 16777216" in str(err.value)
+
+
+def test_formats_that_decode_while_opening_are_not_read(tmp_path):
+    """An ICO decodes its embedded PNG inside Image.open, before a size can be checked: spade reads only
+    PNG, JPEG, BMP, TIFF and WebP, so such a file is refused as unreadable, undecoded."""
+    import io as _io
+
+    inner = _io.BytesIO()
+    Image.new("L", (64, 64)).save(inner, format="PNG")
+    ico = tmp_path / "label.ico"
+    Image.open(inner).save(ico, format="ICO", sizes=[(64, 64)])
+    assert Image.open(ico).format == "ICO"  # Pillow itself would read it
+    with pytest.raises(SpadeError, match="cannot read label map"):
+        read_id_map(ico)

@@ -336,8 +336,9 @@ def test_resume_from_any_checkpoint_is_exact_for_every_preset_and_the_vae(tmp_pa
 
 
 def test_vae_kill_9_mid_run_and_resume_is_bit_identical(tmp_path, builtin_32):
-    """The multi-modal model killed with SIGKILL (no chance to save) between checkpoints, then resumed."""
-    total = 12
+    """The multi-modal model killed with SIGKILL (no chance to save) between checkpoints, then resumed.
+    24 iterations: the 20 left after the 4th leave the poll (every 0.1 s) ample time to kill mid-run."""
+    total = 24
     params = lambda out: tiny_params(builtin_32, out, train={"iterations": total}, model={"use_vae": True})  # noqa: E731
     run_train(write_params(tmp_path / "a.yaml", params(tmp_path / "a")))
     interrupted = write_params(tmp_path / "b.yaml", params(tmp_path / "b"))
@@ -367,6 +368,10 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_removes_stale_
     stale = [ckpt_dir / ".iter_00000004.pt.k3j2_x.tmp", ckpt_dir / ".iter_00000006.pt.a8b_d9.tmp"]
     for path in stale:
         path.write_bytes(b"half a checkpoint")  # what kills during Checkpoint.save leave
+        old = time.time() - 20 * 60  # untouched for 20 minutes: nobody writes it any more
+        os.utime(path, (old, old))
+    in_progress = ckpt_dir / ".iter_00000008.pt.zz9_q1.tmp"  # fresh: maybe another process's write
+    in_progress.write_bytes(b"being written")
     keep = ckpt_dir / "notes.tmp"
     keep.write_text("not ours")
     (tmp_path / "r" / "final.pt").unlink()
@@ -375,7 +380,7 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_removes_stale_
     assert "resume: skipped 1 unreadable checkpoint(s)" in proc.stderr and str(newest) in proc.stderr
     assert f"resuming from {ckpt_dir / 'iter_00000004.pt'} at iteration 4" in proc.stderr
     assert "removed 2 temporary file(s) of interrupted checkpoint writes" in proc.stderr
-    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not any(p.exists() for p in stale) and keep.exists() and in_progress.exists()
     assert Checkpoint.load(newest).training["iteration"] == 6  # written again by the resumed run
     assert (tmp_path / "r" / "final.pt").is_file()
 
@@ -385,3 +390,29 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_removes_stale_
     proc = run_train(params, "--resume", check=False)
     assert proc.returncode == 1 and "none of the 3 checkpoint(s)" in proc.stderr
     assert all(str(ckpt_dir / name) in proc.stderr for _, name in list_checkpoints(str(ckpt_dir)))
+
+
+def test_torchrun_resume_passes_over_a_truncated_checkpoint_on_every_rank_alike(tmp_path, builtin_32):
+    """Rank 0 chooses the checkpoint and the others load that one: all resume from iteration 2 here, and
+    the trainer's replica check (checksums of every rank's weights at each save) finds them equal."""
+    params = tiny_params(builtin_32, tmp_path / "ddp", train={"iterations": 4, "checkpoint_every": 2})
+    ddp = write_params(tmp_path / "ddp.yaml", params)
+    torchrun = Path(sys.executable).parent / "torchrun"
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "spade", "train"]
+        return subprocess.run([*cmd, "--params", str(ddp), *extra], capture_output=True, text=True,
+                              env=child_env(), timeout=300)  # fmt: skip
+
+    assert launch().returncode == 0
+    ckpt_dir = tmp_path / "ddp" / "checkpoints"
+    newest = ckpt_dir / "iter_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    (tmp_path / "ddp" / "final.pt").unlink()
+    proc = launch("--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("resume: skipped 1 unreadable checkpoint(s)") == 1  # said once, by rank 0
+    assert f"resuming from {ckpt_dir / 'iter_00000002.pt'} at iteration 2" in proc.stderr
+    resumed = Checkpoint.load(newest)
+    sums = resumed.training["replica_checksums"]
+    assert resumed.training["iteration"] == 4 and len(sums) == 2 and sums[0] == sums[1]

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
+import math
 import os
 import shutil
 import stat
@@ -40,6 +42,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -600,8 +603,8 @@ class ExtractLimits:
     max_ratio: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_entries < 1 or not self.max_ratio > 0:
-            raise SpadeError(f"extraction limits must be positive: {self}")
+        if self.max_bytes < 1 or self.max_entries < 1 or not (0 < self.max_ratio < math.inf):
+            raise SpadeError(f"extraction limits must be positive finite numbers: {self}")
 
     def budget(self, archive_bytes: int) -> tuple[int, str]:
         """The most bytes an archive of `archive_bytes` may expand to, and the option that sets it."""
@@ -622,7 +625,7 @@ def parse_size(text: str | int) -> int:
         number = float(value[: len(value) - len(unit)])
     except ValueError:
         number = -1.0
-    if number <= 0:
+    if not (math.isfinite(number) and number * _UNITS[unit] >= 1):
         raise SpadeError(f"not a size: {text!r} (a byte count such as 1000000, 500M, 100G)")
     return int(number * _UNITS[unit])
 
@@ -736,8 +739,11 @@ class _Plan:
             self.links[parts] = (link, name)
         return parts
 
-    def resolve(self, parts: tuple[str, ...], hops: int = 0) -> tuple[str, ...] | None:
-        """Where `parts` leads inside the planned tree, links followed; None when it leaves it."""
+    def resolve(self, parts: tuple[str, ...], budget: list[int] | None = None) -> tuple[str, ...] | None:
+        """Where `parts` leads inside the planned tree, links followed; None when it leaves it, or when the
+        lookup follows more than MAX_LINK_HOPS links in all (a loop, or a chain built to take exponential
+        time: the budget is shared by the whole lookup, as the kernel counts)."""
+        budget = [MAX_LINK_HOPS] if budget is None else budget
         here: list[str] = []
         for part in parts:
             if part in ("", "."):
@@ -749,10 +755,11 @@ class _Plan:
                 continue
             here.append(part)
             if tuple(here) in self.links:
-                if hops >= MAX_LINK_HOPS:
+                budget[0] -= 1
+                if budget[0] < 0:
                     return None
                 target = self.links[tuple(here)][0].replace("\\", "/")
-                landed = self.resolve((*here[:-1], *PurePosixPath(target).parts), hops + 1)
+                landed = self.resolve((*here[:-1], *PurePosixPath(target).parts), budget)
                 if landed is None:
                     return None
                 here = list(landed)
@@ -761,7 +768,59 @@ class _Plan:
     def check_links(self) -> None:
         for parts, (target, name) in self.links.items():
             if self.resolve((*parts[:-1], *PurePosixPath(target.replace("\\", "/")).parts)) is None:
-                raise self.refuse(name, f"a link to {target} outside it (or a loop of links)")
+                raise self.refuse(
+                    name, f"a link to {target} outside it (or a loop, or a chain of more than {MAX_LINK_HOPS} links)"
+                )
+
+
+# What a damaged archive can raise from deep inside zipfile, tarfile and the decompressors.
+_DAMAGED = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    UnicodeDecodeError,
+    ValueError,
+    RuntimeError,  # an encrypted zip entry
+    NotImplementedError,  # a zip compression method Python lacks
+    zlib.error,
+    lzma.LZMAError,
+)
+MAX_TAR_METADATA = 1 << 20  # a GNU long name or a pax header is read whole: 1 MiB is far more than any needs
+TAIL_CHECK = 1 << 20  # how much of a tar past its last entry is read to tell its end from damage
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name record or a pax header into memory whole, before any entry can be
+    checked: a header claiming gigabytes would be read as such. These are refused past MAX_TAR_METADATA."""
+
+    def _proc_gnulong(self, tarfile_obj):  # noqa: ANN001, ANN202
+        self._check_metadata_size()
+        return super()._proc_gnulong(tarfile_obj)
+
+    def _proc_pax(self, tarfile_obj):  # noqa: ANN001, ANN202
+        self._check_metadata_size()
+        return super()._proc_pax(tarfile_obj)
+
+    def _check_metadata_size(self) -> None:
+        if self.size > MAX_TAR_METADATA:
+            raise tarfile.ReadError(f"a metadata header of {self.size} bytes (at most {MAX_TAR_METADATA})")
+
+
+def _is_tar(archive: Path, source: str) -> bool:
+    """Whether `archive` opens as a tar (plain or compressed): its first header is read, within bounds."""
+    try:
+        with tarfile.open(archive, tarinfo=_BoundedTarInfo):
+            return True
+    except tarfile.ReadError as exc:
+        if "metadata header" in str(exc):
+            raise SpadeError(
+                f"{source}: refused: a tar metadata header (a long name or pax record) larger than "
+                f"{format_size(MAX_TAR_METADATA)}, which no dataset needs"
+            ) from None
+        return False
+    except _DAMAGED:
+        return False
 
 
 def _extract(archive: Path, tmp: Path, source: str, limits: ExtractLimits | None = None) -> None:
@@ -774,32 +833,60 @@ def _extract(archive: Path, tmp: Path, source: str, limits: ExtractLimits | None
     plan = _Plan(source, limits, archive.stat().st_size)
     if zipfile.is_zipfile(archive):
         _extract_zip(archive, root, plan)
-    elif tarfile.is_tarfile(archive):
+    elif _is_tar(archive, source):
         _extract_tar(archive, root, plan)
     else:
         raise SpadeError(f"{source}: not an archive (zip, tar, tar.gz, tar.bz2, tar.xz) nor a folder")
     _check_links(root, source)
 
 
+def _check_real(root: Path, dest: Path, plan: _Plan, name: str) -> None:
+    """Before writing `dest`: its deepest existing folder really is inside `root` (a backstop for what the
+    plan cannot see, such as a file system that folds case, where `A` and `a` are one folder)."""
+    if dest == root:
+        return
+    folder = dest.parent
+    while not folder.exists() and folder != root:
+        folder = folder.parent
+    if not _inside(root, os.path.realpath(folder)):
+        raise plan.refuse(name, "it goes through a link out of the dataset folder")
+
+
 def _extract_tar(archive: Path, root: Path, plan: _Plan) -> None:
     source = plan.source
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive, tarinfo=_BoundedTarInfo) as tar:
             members = []
             for m in tar:  # headers one by one: a bomb stops at the first member past the budget
+                if m.issparse():  # its map of chunks, not its size, decides how much is written
+                    raise plan.refuse(m.name, "a sparse file (not supported: pack the dataset without --sparse)")
                 if m.ischr() or m.isblk() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                     raise plan.refuse(m.name, "a device or special file")
                 kind = "dir" if m.isdir() else "link" if m.issym() else "hardlink" if m.islnk() else "file"
                 plan.add(m.name, kind, m.size if m.isfile() else 0, m.linkname if (m.issym() or m.islnk()) else None)
                 members.append(m)
+            _check_tar_end(tar, plan, members)
             plan.check_links()
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             for m in members:  # tar headers tell the true sizes: what was counted above is what is written
+                _check_real(root, root.joinpath(*_safe_parts(m.name, source)), plan, m.name)
                 tar.extract(m, root, **kwargs)
     except SpadeError:
         raise
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise SpadeError(f"{source}: cannot extract {archive.name}: {exc}") from None
+    except _DAMAGED as exc:
+        raise SpadeError(f"{source}: cannot extract {archive.name}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_tar_end(tar: tarfile.TarFile, plan: _Plan, members: list) -> None:
+    """tarfile stops quietly at a damaged header after the first: what follows the last entry must be the
+    archive's end (zero blocks), else the archive is damaged and its entries from there on would be lost."""
+    tar.fileobj.seek(tar.offset)
+    tail = tar.fileobj.read(TAIL_CHECK)
+    if tail.strip(b"\0"):
+        after = f"after entry {members[-1].name!r}" if members else "at its start"
+        raise SpadeError(
+            f"{plan.source}: the archive is damaged {after} (data where its end should be); download or pack it again"
+        )
 
 
 MAX_LINK_TARGET = 4096
@@ -816,6 +903,8 @@ def _extract_zip(archive: Path, root: Path, plan: _Plan) -> None:
                     if info.file_size > MAX_LINK_TARGET:
                         raise plan.refuse(info.filename, f"a link whose target is {info.file_size} bytes long")
                     link = zf.read(info).decode()
+                    if "\0" in link:
+                        raise plan.refuse(info.filename, "a link whose target holds a NUL byte")
                     steps.append((plan.add(info.filename, "link", 0, link), info, link))
                 elif stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise plan.refuse(info.filename, "a device or special file")
@@ -827,6 +916,7 @@ def _extract_zip(archive: Path, root: Path, plan: _Plan) -> None:
             plan.bytes = 0  # from here on, the bytes really written are counted (a header may understate them)
             for parts, info, link in steps:
                 dest = root.joinpath(*parts)
+                _check_real(root, dest, plan, info.filename)
                 if info.is_dir():
                     dest.mkdir(parents=True, exist_ok=True)
                     continue
@@ -840,8 +930,8 @@ def _extract_zip(archive: Path, root: Path, plan: _Plan) -> None:
                         dst.write(block)
     except SpadeError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
-        raise SpadeError(f"{source}: cannot extract {archive.name}: {exc}") from None
+    except _DAMAGED as exc:
+        raise SpadeError(f"{source}: cannot extract {archive.name}: {type(exc).__name__}: {exc}") from None
 
 
 def _check_links(root: Path, source: str) -> None:

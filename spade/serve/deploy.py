@@ -4,7 +4,7 @@ The swap, in order (each step only after the one before it succeeded):
 
 1. the archive is put where the server loads archives from: copied into `--model-store` (the server's
    model store folder, for a server on this machine; written under a new name, then renamed) or handed
-   over as a URL the server may fetch (`--archive-url`, or the archive's own http(s) URI);
+   over as a URL the server may fetch (`--archive-url`);
 2. it is registered as a new version of its model (the version in its manifest), and its workers are
    waited for until every one is READY; with `--inference-url`, one request is sent to that version and
    must answer with an image;
@@ -15,7 +15,8 @@ The swap, in order (each step only after the one before it succeeded):
 
 On a failure before step 3 the new version is unregistered again (when this command registered it) and
 its copied file removed, so the old version stays default and serving; the command exits non-zero with
-the reason. Deploying the version that is already default does nothing and says so.
+the reason. Deploying the archive that is already the default version does nothing and says so; a
+different archive under a version the server already has is refused (versions name archives).
 
 The archive is a path, an s3:// URI, or the registered model version of an MLflow alias (`--model NAME
 --alias champion`: the `archive_uri` that `spade register` recorded on the version, its sha256 checked).
@@ -85,6 +86,10 @@ def resolve_registered_archive(model: str, alias: str, tracking_uri: str) -> dic
         else:
             mv = client.get_model_version_by_alias(model, alias)
     except MlflowException as exc:
+        if str(getattr(exc, "error_code", "")) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise SpadeError(
+                f"MLflow at {tracking_uri} could not look up {model!r} {alias!r}: {exc.message[:300]}"
+            ) from None
         raise SpadeError(
             f"MLflow at {tracking_uri} has no version {alias!r} of registered model {model!r} ({exc.message[:300]}); "
             "`spade register` creates versions and sets the aliases candidate and champion"
@@ -168,6 +173,27 @@ def probe(inference_url: str, model_name: str, version: str, token: str | None, 
         raise SpadeError(f"version {version} of {model_name} answered its check request with no image")
 
 
+def _file_name(name: str, version: str, sha256: str) -> str:
+    import re
+
+    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model" for text in (name, version)]
+    return f"{safe[0]}-{safe[1]}-{sha256[:12]}.mar"
+
+
+def _loaded_from(torchserve: TorchServe, name: str, version: str) -> str:
+    described = torchserve.describe(name, version)
+    return str(described[0].get("modelUrl") or "") if described else ""
+
+
+def _same_archive(model_url: str, expected_url: str, sha256: str, model_store: Path | None) -> bool:
+    """Whether the server's copy of a version (loaded from `model_url`) is this archive."""
+    if model_url == expected_url:
+        return True
+    if model_store is not None and model_url and "/" not in model_url and (model_store / model_url).is_file():
+        return _sha256(model_store / model_url) == sha256
+    return False
+
+
 def deploy_to_torchserve(
     archive: Path,
     torchserve: TorchServe,
@@ -181,26 +207,45 @@ def deploy_to_torchserve(
     inference_url: str | None = None,
     inference_token: str | None = None,
     keep_previous: bool = False,
+    source: str | None = None,
     say: Callable[[str], None] = _say,
 ) -> dict:
-    """Make `archive` the default version of its model in `torchserve` (the steps of the module doc)."""
+    """Make `archive` the default version of its model in `torchserve` (the steps of the module doc).
+
+    `source`: where the archive came from (a URI, the registry), for the messages and the result."""
     from spade.serve.register import read_archive
 
     info = read_archive(archive)
     name = model_name or info.model_name
     version = info.version
     started = time.monotonic()
+    if archive_url is None and model_store is None:
+        raise SpadeError(
+            "TorchServe must be able to load the archive: pass --model-store (its model store folder, for a "
+            "server on this machine) or --archive-url (a URL the server may fetch)"
+        )
+    expected_url = archive_url or _file_name(name, version, info.sha256)
     result = {
         "model_name": name,
         "version": version,
         "torchserve": torchserve.url,
-        "archive": str(archive),
+        "archive": source or str(archive),
         "archive_sha256": info.sha256,
+        "archive_url": expected_url,
         "previous": torchserve.default_version(name),
         "registered": False,
         "default": False,
         "unregistered": [],
     }
+    known = version in torchserve.versions(name)
+    if known:
+        loaded_from = _loaded_from(torchserve, name, version)
+        if not _same_archive(loaded_from, expected_url, info.sha256, model_store):
+            raise SpadeError(
+                f"TorchServe at {torchserve.url} already has version {version} of {name}, loaded from "
+                f"{loaded_from or 'elsewhere'}, not from this archive ({expected_url}); give each archive its own "
+                "version (spade package --version)"
+            )
     if result["previous"] == version:
         torchserve.wait_ready(name, version, ready_timeout)
         say(f"deploy: version {version} of {name} is already the default at {torchserve.url}; nothing to do")
@@ -208,26 +253,18 @@ def deploy_to_torchserve(
         return result
 
     placed, wrote = None, False
-    if archive_url is None:
-        if model_store is None:
-            raise SpadeError(
-                "TorchServe must be able to load the archive: pass --model-store (its model store folder, for a "
-                "server on this machine) or --archive-url (a URL the server may fetch)"
-            )
-        file_name = f"{name}-{version}-{info.sha256[:12]}.mar"
-        placed, wrote = _place(archive, model_store, file_name)
-        archive_url = file_name
-    result["archive_url"] = archive_url
+    if archive_url is None and not known:
+        placed, wrote = _place(archive, model_store, expected_url)
 
     registered_now = False
     try:
-        if version in torchserve.versions(name):
+        if known:
             say(f"deploy: version {version} of {name} is registered already (not the default); checking it")
         else:
-            say(f"deploy: registering {archive_url} as version {version} of {name} ({workers} worker(s))")
+            say(f"deploy: registering {expected_url} as version {version} of {name} ({workers} worker(s))")
             # asynchronously: a synchronous registration holds one of the server's network threads until the
             # workers are up, and the requests that land on that thread would wait with it
-            registered_now = torchserve.register(archive_url, name, workers=workers, synchronous=False)
+            registered_now = torchserve.register(expected_url, name, workers=workers, synchronous=False)
             if not registered_now:
                 raise SpadeError(
                     f"TorchServe already has a version {version} of {name} from another archive; give each archive "
@@ -240,49 +277,58 @@ def deploy_to_torchserve(
             say(f"deploy: version {version} answered its check request")
         torchserve.set_default(name, version)
     except BaseException as exc:
+        left = None
         if registered_now:  # leave the server as it was: the old default keeps serving, alone
             try:
                 torchserve.unregister(name, version)
             except SpadeError as cleanup:
+                left = cleanup
                 say(f"deploy: could not unregister the failed version {version} again: {cleanup}")
-        if wrote and placed is not None:
+        if wrote and placed is not None and left is None:
             placed.unlink(missing_ok=True)
         if isinstance(exc, SpadeError):
-            kept = f"version {result['previous']} stays the default" if result["previous"] else "nothing was deployed"
-            raise SpadeError(f"deploy of {archive} failed, {kept}: {exc}") from None
+            if result["previous"]:
+                kept = f"version {result['previous']} stays the default"
+            elif left is not None:  # a new model's first version is its default at once, and it stayed
+                kept = f"and version {version}, which could not be removed again, is still registered as the default"
+            else:
+                kept = "nothing was deployed"
+            raise SpadeError(f"deploy of {result['archive']} failed, {kept}: {exc}") from None
         raise
     result["default"] = True
     say(f"deploy: version {version} of {name} is the default now (was {result['previous'] or 'none'})")
 
     previous = result["previous"]
     if previous and not keep_previous:
-        _drain(torchserve, name, previous, drain)
         try:
+            _drain(torchserve, name, previous, drain)
             torchserve.unregister(name, previous, synchronous=False)
             result["unregistered"].append(previous)
             say(f"deploy: unregistered version {previous}")
         except SpadeError as exc:  # the new version serves; the old one is only left over
             result["unregister_error"] = str(exc)
-            say(f"deploy: warning: version {version} serves, but version {previous} could not be unregistered: {exc}")
+            say(f"deploy: warning: version {version} serves, but version {previous} could not be retired: {exc}")
     result["seconds"] = round(time.monotonic() - started, 2)
     result["time"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return result
 
 
-def _drain(torchserve: TorchServe, name: str, version: str, seconds: float, *, limit: float = 300.0) -> None:
+def _drain(torchserve: TorchServe, name: str, version: str, seconds: float) -> None:
     """Give requests already sent to the old version time to finish before it goes: `seconds` during which
     its queue stayed empty (where the server reports its queue; else `seconds` plainly), so that the batch a
-    worker took last is answered too. At most `limit` seconds in all."""
+    worker took last is answered too. At most `seconds` + 5 minutes in all."""
     start = time.monotonic()
     quiet_since = start
-    while time.monotonic() - start < limit:
+    while time.monotonic() - start < seconds + 300.0:
         pending = torchserve.pending_requests(name, version)
         now = time.monotonic()
         if pending:
             quiet_since = now
+            time.sleep(0.25)
         elif now - quiet_since >= seconds:
             return
-        time.sleep(min(0.25, max(0.0, seconds - (now - quiet_since))))
+        else:
+            time.sleep(min(0.25, seconds - (now - quiet_since)))
 
 
 # --------------------------------------------------------------------------- command line
@@ -320,7 +366,9 @@ def main(args: argparse.Namespace) -> int:
                 raise SpadeError("--model needs the MLflow server: --tracking-uri or $MLFLOW_TRACKING_URI")
             registered = resolve_registered_archive(args.model, args.alias, uri)
             archive = fetch_archive(registered["uri"], Path(tmp))
-            if registered["sha256"] and _sha256(archive) != registered["sha256"]:
+            if not registered["sha256"]:
+                _say(f"deploy: warning: version {registered['version']} records no archive_sha256: not checked")
+            elif _sha256(archive) != registered["sha256"]:
                 raise SpadeError(
                     f"{registered['uri']} does not have the sha256 recorded on version {registered['version']} of "
                     f"{args.model}: the stored archive changed since it was registered"
@@ -341,6 +389,7 @@ def main(args: argparse.Namespace) -> int:
             inference_url=args.inference_url,
             inference_token=args.inference_token or os.environ.get(INFERENCE_TOKEN_ENV) or None,
             keep_previous=args.keep_previous,
+            source=registered["uri"] if registered else args.mar,
         )
     if registered is not None:
         result["registry"] = registered

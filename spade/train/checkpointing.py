@@ -12,6 +12,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def save_checkpoint(ckpt: Checkpoint, location: str, iteration: int, keep: int) 
     return uri
 
 
+class CheckpointUnavailable(SpadeError):
+    """A checkpoint that exists but could not be fetched (the store did not answer): not a reason to skip it."""
+
+
+def load_checkpoint(uri: str) -> Checkpoint:
+    """One checkpoint by its path or s3:// URI (what load_latest returned as its source)."""
+    if not Store(uri).s3 and Path(uri).is_file():
+        return Checkpoint.load(uri)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return _load_resumable(Store(parent), name)
+
+
 def load_latest(location: str, *, say: Callable[[str], None] | None = None) -> tuple[Checkpoint, str] | None:
     """The newest checkpoint that loads in a folder or s3 prefix, or a checkpoint file; None when there is none.
 
@@ -72,6 +85,8 @@ def load_latest(location: str, *, say: Callable[[str], None] | None = None) -> t
     for _, name in reversed(found):
         try:
             ckpt = _load_resumable(store, name)
+        except CheckpointUnavailable:
+            raise
         except SpadeError as exc:
             skipped.append(f"{store.uri(name)}: {exc}")
             continue
@@ -84,9 +99,17 @@ def load_latest(location: str, *, say: Callable[[str], None] | None = None) -> t
 
 
 def _load_resumable(store: Store, name: str) -> Checkpoint:
+    """The checkpoint `name` of `store`. Only a file that cannot be read raises SpadeError (and is passed
+    over); a download that fails raises CheckpointUnavailable, which stops the resume: passing over a
+    checkpoint that is only out of reach for a moment would redo its work, or, under torchrun, let the
+    processes start from different checkpoints."""
     if store.s3:
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = Checkpoint.load(store.get(name, Path(tmp) / name))
+            try:
+                local = store.get(name, Path(tmp) / name)
+            except SpadeError as exc:
+                raise CheckpointUnavailable(f"cannot download {store.uri(name)} to resume from it: {exc}") from None
+            ckpt = Checkpoint.load(local)
     else:
         ckpt = Checkpoint.load(store.path / name)
     if not isinstance(ckpt.training, dict) or "iteration" not in ckpt.training:
@@ -94,16 +117,27 @@ def _load_resumable(store: Store, name: str) -> Checkpoint:
     return ckpt
 
 
-def remove_stale_temporaries(location: str) -> list[Path]:
+STALE_AFTER_S = 600.0
+
+
+def remove_stale_temporaries(location: str, *, older_than: float = STALE_AFTER_S) -> list[Path]:
     """Delete the temporary files of checkpoint writes that a kill interrupted (`.iter_*.pt.*.tmp`, see
-    Checkpoint.save) from a local checkpoint folder; returns them. An s3:// location has none: objects are
-    put whole. Run before training writes its first checkpoint, by the one process that writes them."""
+    Checkpoint.save) from a local checkpoint folder; returns them. Only files nobody has written to for
+    `older_than` seconds go: a write in progress (another process on a shared volume, a pod that is still
+    shutting down) keeps touching its file. An s3:// location has none: objects are put whole. Run before
+    training writes its first checkpoint, by the one process that writes them."""
     store = Store(location)
     if store.s3 or not store.path.is_dir():
         return []
-    stale = sorted(store.path.glob(".iter_*.pt.*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    now = time.time()
+    stale = []
+    for path in sorted(store.path.glob(".iter_*.pt.*.tmp")):
+        try:
+            if now - path.stat().st_mtime >= older_than:
+                path.unlink()
+                stale.append(path)
+        except FileNotFoundError:  # finished (renamed) or removed meanwhile
+            continue
     return stale
 
 

@@ -205,7 +205,7 @@ def train(
                     file=sys.stderr,
                 )
         if resume is not None:
-            found = ckpts.load_latest(resume or location, say=None if info.is_main else lambda _: None)
+            found = _resume_point(resume or location, info)
             if found is None:
                 if info.is_main:
                     print(f"no checkpoint in {resume or location}; starting from scratch", file=sys.stderr)
@@ -420,6 +420,33 @@ def _mean_over_ranks(metrics: dict[str, float], info: DistInfo, device: torch.de
     t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _resume_point(location: str, info: DistInfo) -> tuple[Checkpoint, str] | None:
+    """The checkpoint to resume from: chosen by rank 0 (passing over unreadable ones) and loaded by name by
+    every other process, so that all start from the same one."""
+    if not info.enabled:
+        return ckpts.load_latest(location)
+    import torch.distributed as dist
+
+    chosen: list = [None]
+    found, failure = None, None
+    if info.is_main:
+        try:
+            found = ckpts.load_latest(location)
+            chosen = [("found", found[1]) if found is not None else ("none", "")]
+        except SpadeError as exc:
+            failure = exc
+            chosen = [("error", str(exc))]
+    dist.broadcast_object_list(chosen, src=0)  # the others wait for rank 0's choice, or its failure
+    kind, value = chosen[0]
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise SpadeError(f"rank 0 could not choose a checkpoint to resume from: {value}")
+    if info.is_main:
+        return found
+    return None if kind == "none" else (ckpts.load_checkpoint(value), value)
 
 
 def _gather(obj: dict, info: DistInfo) -> list:
