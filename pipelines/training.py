@@ -15,6 +15,7 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 
 from components import IMAGE
+from components.deploy import deploy, keep_serving
 from components.evaluate import evaluate
 from components.fetch_dataset import fetch_dataset, use_labeled_dataset
 from components.package_and_register import package_and_register
@@ -83,6 +84,7 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
     ev = dict(params.get("evaluate") or {})
     pkg = dict(params.get("package") or {})
     reg = dict(params.get("register") or {})
+    dep = dict(params.get("deploy") or {})
     mode_default = "cluster" if cluster is not None else "local"
     image = image or IMAGE
     opts = cluster or ClusterOptions()
@@ -185,7 +187,31 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
         )
         registered.set_display_name("package and register").set_caching_options(False)
 
-        for task in (fetch, labelled, as_is, trained, scored, registered):
+        deployed = kept = None
+        if dep.get("torchserve_url"):  # the endpoint settings decide when the pipeline is built
+            # If / Else (not a lone If): both branches are visible in the run, and kfp.local evaluates a
+            # condition on a task's output only inside such a branch group
+            with dsl.If(registered.outputs["promoted"] == True, name="promoted"):  # noqa: E712
+                deployed = deploy(
+                    archive=registered.outputs["archive"],
+                    torchserve_url=str(dep["torchserve_url"]),
+                    model_store=str(dep.get("model_store") or ""),
+                    archive_url=str(dep.get("archive_url") or ""),
+                    inference_url=str(dep.get("inference_url") or ""),
+                    workers=int(dep.get("workers", 1)),
+                    timeout=float(dep.get("timeout", 300)),
+                    drain=float(dep.get("drain", 5)),
+                )
+                deployed.set_display_name("deploy").set_caching_options(False)
+            with dsl.Else(name="not-promoted"):
+                kept = keep_serving(
+                    outcome=registered.outputs["outcome"],
+                    model_name=registered.outputs["model_name"],
+                    version=registered.outputs["version"],
+                )
+                kept.set_display_name("champion keeps serving").set_caching_options(False)
+
+        for task in (fetch, labelled, as_is, trained, scored, registered, *(t for t in (deployed, kept) if t)):
             task.container_spec.image = image  # the image this pipeline was built for
         if cluster is not None:
             _apply_cluster(fetch, cluster)
@@ -194,6 +220,9 @@ def make_pipeline(params: dict | None = None, cluster: ClusterOptions | None = N
             _apply_cluster(trained, cluster, pvc=True)
             _apply_cluster(scored, cluster, gpu=True)
             _apply_cluster(registered, cluster)
+            for task in (deployed, kept):
+                if task is not None:
+                    _apply_cluster(task, cluster)
 
     return training_pipeline
 

@@ -266,3 +266,65 @@ def test_a_failed_local_run_is_a_spade_error(tmp_path: Path) -> None:
 
     with pytest.raises(SpadeError, match="fetch-dataset"):
         run_local({"source": str(tmp_path / "missing")}, params={}, pipeline_root=tmp_path / "pipeline")
+
+
+def test_a_promoted_model_is_deployed_by_the_pipeline_and_answers(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """params.yaml `deploy:` set: the pipeline ends with a deploy task (under dsl.If promoted) that puts the
+    new champion behind a running TorchServe; its endpoint then answers a label map with an image."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    from pipelines.demo import pack, print_summary
+    from pipelines.training import make_pipeline, run_local
+    from spade.serve.local_torchserve import LocalTorchServe
+    from spade.serve.torchserve_api import TorchServe
+
+    data = tiny_data(tmp_path / "data")
+    segmenter = tiny_segmenter(data, tmp_path / "segmenter.pt")
+    archive = pack(data, tmp_path / "labeled.tar.gz", photos_only=False)
+    store = tmp_path / "ts-store"
+    store.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with LocalTorchServe(store, token_auth=False, workdir=tmp_path / "ts") as ts:
+        params = pipeline_params(data, tmp_path)
+        params["deploy"] = {"torchserve_url": ts.management_url, "model_store": str(store),
+                            "inference_url": ts.inference_url, "drain": 0}  # fmt: skip
+        ir = make_pipeline(params).pipeline_spec
+        assert "comp-deploy" in {k for k in ir.components}
+        run_local(
+            {"source": str(archive), "params": params, "segmenter_weights": str(segmenter),
+             "eval_segmenter_weights": str(segmenter), "eval_data": str(data)},
+            params=params, pipeline_root=tmp_path / "pipeline",
+        )  # fmt: skip
+        summary = print_summary(tmp_path / "pipeline", params)
+        assert summary["decision"] == "promoted"
+        from spade.serve.register import read_archive
+
+        api = TorchServe(ts.management_url)
+        assert api.versions("tiny") == [read_archive(summary["mar"]).version] == [api.default_version("tiny")]
+        label = next((data / "val_label").glob("*.png")).read_bytes()
+        req = urllib.request.Request(f"{ts.inference_url}/predictions/tiny", data=label, method="POST",
+                                     headers={"Content-Type": "image/png"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            image = Image.open(io.BytesIO(resp.read()))
+        assert image.size == (32, 32) and image.mode == "RGB"
+        run = Path(summary["run"])
+        assert (run / "deploy").is_dir() and not (run / "keep-serving").exists()
+
+        # a second run scored on other data (a subset of the split): not comparable, not promoted, not deployed
+        first = api.default_version("tiny")
+        run_local(
+            {"source": str(archive), "params": params, "segmenter_weights": str(segmenter),
+             "eval_segmenter_weights": str(segmenter), "eval_data": str(data), "eval_num_samples": 1},
+            params=params, pipeline_root=tmp_path / "pipeline2",
+        )  # fmt: skip
+        second = print_summary(tmp_path / "pipeline2", params)
+        assert second["decision"] == "candidate"
+        assert (Path(second["run"]) / "keep-serving").is_dir() and not (Path(second["run"]) / "deploy").exists()
+        assert api.versions("tiny") == [first] == [api.default_version("tiny")]
+
+    # without endpoint settings the pipeline has no deploy task at all
+    assert "comp-deploy" not in set(make_pipeline(pipeline_params(data, tmp_path)).pipeline_spec.components)
