@@ -10,11 +10,12 @@ CODE := spade components pipelines tests benchmarks
 $(PY):
 	python3 -m venv $(VENV)
 
-# The demo needs the package and kfp only; the suite installs the serving, DVC and test tools beside them
-# (about 40 s more of a fresh install).
+# The demo needs the package, kfp and TorchServe (with Java 17, from apt when missing: it serves the model it
+# trains); the suite installs the DVC and test tools beside them.
 $(DEMO_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-cache-dir -e '.[pipeline]'
+	$(PY) -m pip install --quiet --no-cache-dir -e '.[pipeline,serve]'
+	bash scripts/provision-java.sh
 	touch $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml | $(PY)
@@ -25,7 +26,8 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # The whole training pipeline under kfp.local: built-in photos archive -> fetch -> pseudo-label -> train
-# -> evaluate -> package -> register (settings from params.yaml).
+# -> evaluate -> package -> register -> deploy to a TorchServe on 127.0.0.1, which answers one label map
+# (settings from params.yaml).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/spade pipeline demo
 

@@ -180,6 +180,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "container of --image, against an object store, PostgreSQL and an MLflow server started for the run",
     )
     p.add_argument("--image", default="spade:dev", help="project image of the docker runner (default spade:dev)")
+    p.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="no TorchServe: the pipeline ends at registration (by default the subprocess runner's demo deploys "
+        "the promoted model to a TorchServe on 127.0.0.1 and sends it one label map)",
+    )
     _add_params(p)
 
 
@@ -316,6 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         labeled=args.labeled,
         runner=args.runner,
         image=args.image,
+        serve=not args.no_serve,
     )
     return 0
 

@@ -7,6 +7,7 @@
    train (params.yaml `train:`) -> evaluate on the real label maps -> package and register past the gate.
 """
 
+import contextlib
 import itertools
 import json
 import statistics
@@ -152,10 +153,15 @@ def run_demo(
     labeled: bool = False,
     runner: str = "subprocess",
     image: str = "spade:dev",
+    serve: bool = True,
 ) -> dict:
     """The demo (module docstring). runner "docker": every pipeline task in a container of `image`, against an
     object store, PostgreSQL and an MLflow server started for the run (pipelines.services, state under
-    WORK/services); the inputs go to the object store and the tasks read them from there, as in a cluster."""
+    WORK/services); the inputs go to the object store and the tasks read them from there, as in a cluster.
+
+    serve (the subprocess runner): a TorchServe on 127.0.0.1 is started first and the pipeline's deploy task
+    puts the promoted model behind it; one label map is then sent to the endpoint and the answer saved as
+    WORK/served.png, and the server is stopped (the command to keep one running is printed)."""
     from spade.evaluate.segmenters.small import train_small_segmenter
     from spade.local_runs import builtin_dataset
 
@@ -215,14 +221,88 @@ def run_demo(
     }
     if runner == "docker":
         summary = _run_in_containers(arguments, params, data_root, work, pipeline_root, image)
-    else:
+    elif not serve:
         run_local(arguments, params=params, pipeline_root=pipeline_root)
         summary = print_summary(pipeline_root, params)
+    else:
+        with _serving(work) as server:
+            params = {**params, "deploy": _deploy_settings(server, work)}
+            arguments["params"] = params
+            run_local(arguments, params=params, pipeline_root=pipeline_root)
+            summary = print_summary(pipeline_root, params)
+            summary["served"] = _try_the_endpoint(server, summary, data_root, work)
     elapsed = time.perf_counter() - start
     _say(f"\ndone in {elapsed / 60:.1f} min (estimated {estimate['total'] / 60:.1f} min)")
     summary["elapsed_s"] = round(elapsed, 1)
     summary["estimated_s"] = {k: round(v, 1) for k, v in estimate.items()}
     return summary
+
+
+SERVED_IMAGE = "served.png"
+
+
+@contextlib.contextmanager
+def _serving(work: Path):  # noqa: ANN202
+    """A TorchServe on free 127.0.0.1 ports with an empty model store under WORK/serving, stopped afterwards."""
+    import shutil
+
+    from spade.errors import SpadeError
+    from spade.serve.local_torchserve import LocalTorchServe
+
+    if shutil.which("java") is None:
+        raise SpadeError(
+            "the demo serves its model with TorchServe, which needs Java 17: `make demo` installs it "
+            "(scripts/provision-java.sh), or run `spade pipeline demo --no-serve`"
+        )
+    root = work / "serving"
+    if root.exists():
+        shutil.rmtree(root)
+    store = root / "model-store"
+    store.mkdir(parents=True)
+    _say(f"      serving: starting TorchServe (model store {store}) for the pipeline's deploy task")
+    with LocalTorchServe(store, token_auth=False, workdir=root / "torchserve") as server:
+        yield server
+
+
+def _deploy_settings(server, work: Path) -> dict:  # noqa: ANN001
+    return {
+        "torchserve_url": server.management_url,
+        "model_store": str(server.model_store),
+        "inference_url": server.inference_url,
+        "drain": 1,
+    }
+
+
+def _try_the_endpoint(server, summary: dict, data_root: Path, work: Path) -> dict:  # noqa: ANN001
+    """One label map of the val split to the deployed model; the answer saved as WORK/served.png."""
+    import urllib.request
+
+    from spade.errors import SpadeError
+
+    name = summary.get("model_name") or "spade"
+    if summary.get("decision") != "promoted":
+        _say(f"served: nothing deployed ({name} version {summary.get('version')} was not promoted)")
+        return {}
+    label = sorted((data_root / "val_label").glob("*.png"))[0]
+    url = f"{server.inference_url}/predictions/{name}"
+    request = urllib.request.Request(url, data=label.read_bytes(), method="POST", headers={"Content-Type": "image/png"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            body = response.read()
+    except OSError as exc:
+        raise SpadeError(f"the deployed model did not answer at {url}: {exc}") from None
+    out = work / SERVED_IMAGE
+    out.write_bytes(body)
+    mar = next(iter(sorted(server.model_store.glob("*.mar"))), None)
+    _say(f"served:                 POST {label} to {url} -> {out} (the champion, live)")
+    _say(
+        "to keep an endpoint running:\n"
+        f"  .venv/bin/torchserve --start --ncs --disable-token-auth --enable-model-api "
+        f"--model-store {server.model_store} --models {name}={mar.name if mar else name + '.mar'}\n"
+        f"  curl -H 'Content-Type: image/png' --data-binary @{label} http://127.0.0.1:8080/predictions/{name} "
+        "-o photo.png    # (.venv/bin/torchserve --stop ends it)"
+    )
+    return {"url": url, "label": str(label), "image": str(out)}
 
 
 def _run_in_containers(

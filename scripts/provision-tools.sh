@@ -21,11 +21,7 @@ apt_install() {
 
 command -v chromium >/dev/null || apt_install chromium
 
-java_major() { java -version 2>&1 | sed -n -E '1s/.*version "([0-9]+).*/\1/p'; }
-if ! command -v java >/dev/null || [ "$(java_major)" -lt 17 ]; then
-  apt_install openjdk-17-jre-headless
-fi
-[ "$(java_major)" -ge 17 ] || { echo "error: TorchServe needs Java >= 17, found $(java -version 2>&1 | head -1)" >&2; exit 1; }
+bash "$(dirname "$0")/provision-java.sh"
 
 kustomize_major() { "$1" version --client 2>/dev/null | sed -n -E 's/^Kustomize Version: v([0-9]+).*/\1/p'; }
 kubectl_ok() { [ -n "$1" ] && [ "$(kustomize_major "$1")" -ge 5 ] 2>/dev/null; }

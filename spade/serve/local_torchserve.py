@@ -68,7 +68,7 @@ class LocalTorchServe:
         self.models = list(models or [])
         self.base_config = Path(base_config) if base_config else None
         self.token_auth = token_auth
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="spade-torchserve-"))
+        self.workdir = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="spade-torchserve-"))
         self.extra_config = dict(extra_config or {})
         self.image = image
         self.container = f"spade-torchserve-{os.getpid()}-{id(self):x}" if image else None
