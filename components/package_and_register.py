@@ -54,6 +54,7 @@ def package_and_register(
         decision_out=decision.path,
         config=settings.register,
         tracking=settings.tracking,
+        kserve=built.kserve_root,
     )
     archive.metadata.update({"mar": built.mar.name, "kserve": "kserve", "name": name, "version": version})
     decision.metadata.update({k: result.get(k) for k in ("model_name", "version", "decision", "promoted", "reason")})

@@ -118,6 +118,9 @@ def test_evaluate_and_register(work: dict, trained: tuple, tmp_path: Path) -> No
     assert (tmp_path / "archive" / "tiny.mar").is_file()
     assert (tmp_path / "archive" / "kserve" / "model-store" / "tiny.mar").is_file()
     assert Path(out.archive_uri).parent == work["root"] / "model-store"
+    stored_layout = work["root"] / "model-store" / Path(out.archive_uri).stem / "kserve"  # beside the archive
+    assert (stored_layout / "config" / "config.properties").is_file()
+    assert (stored_layout / "model-store" / "tiny.mar").read_bytes() == (tmp_path / "archive" / "tiny.mar").read_bytes()
     assert decision.metadata["decision"] == "promoted" and Path(decision.path).is_file()
 
 

@@ -593,3 +593,43 @@ def test_bad_inputs_fail_with_clear_errors(tmp_path, mlflow_uri):
         config=RegisterConfig(fid_key="FID", miou_key="miou"),
     )
     assert decision["candidate"] == {"fid": 3.0, "mIoU": 0.5}
+
+
+def test_the_kserve_layout_is_stored_beside_the_archive_and_recorded_on_the_version(
+    tmp_path, client, mlflow_uri, services, monkeypatch
+):
+    """What an InferenceService's storageUri must point at (config/ + model-store/) is stored with each
+    version, locally and in S3, and its URI is on the version: deployment reads it, nothing hard-codes it."""
+    from serve_helpers import make_checkpoint
+    from spade.serve.package import package
+
+    make_checkpoint().save(tmp_path / "final.pt")
+    built = package(tmp_path / "final.pt", name="kslayout", version="7", out=tmp_path / "dist")
+    decision = reg.register(
+        mar=built.mar, metrics={"fid": 10.0, "mIoU": 0.5}, store=str(tmp_path / "store"), tracking_uri=mlflow_uri
+    )
+    kserve = Path(decision["archive"]["kserve_uri"])
+    assert kserve == (tmp_path / "store" / decision["archive"]["file"].removesuffix(".mar") / "kserve").resolve()
+    assert (kserve / "config" / "config.properties").read_text() == built.config_properties.read_text()
+    assert (kserve / "model-store" / "kslayout.mar").read_bytes() == built.mar.read_bytes()
+    assert client.get_model_version("kslayout", decision["version"]).tags["kserve_uri"] == str(kserve)
+
+    # in an object store: under the same prefix as the archive
+    for key, value in services["s3"].items():
+        monkeypatch.setenv(key, value)
+    in_s3 = reg.register(
+        mar=built.mar, metrics={"fid": 10.0, "mIoU": 0.5}, store=f"s3://{BUCKET}/models", tracking_uri=mlflow_uri,
+        model_name="kslayout-s3",
+    )  # fmt: skip
+    stem = in_s3["archive"]["file"].removesuffix(".mar")
+    assert in_s3["archive"]["kserve_uri"] == f"s3://{BUCKET}/models/{stem}/kserve"
+    keys = {
+        o["Key"] for o in services["s3_client"].list_objects_v2(Bucket=BUCKET, Prefix=f"models/{stem}/")["Contents"]
+    }
+    assert keys == {f"models/{stem}/kserve/config/config.properties", f"models/{stem}/kserve/model-store/kslayout.mar"}
+
+    # a layout that holds another archive is refused before anything is stored
+    other = package(tmp_path / "final.pt", name="kslayout", version="8", out=tmp_path / "dist8")
+    with pytest.raises(SpadeError, match="is not the archive being registered"):
+        reg.register(mar=built.mar, metrics={"fid": 9.0, "mIoU": 0.5}, store=str(tmp_path / "store"),
+                     tracking_uri=mlflow_uri, kserve=other.kserve_root)  # fmt: skip

@@ -394,6 +394,35 @@ def _local_input(location: str | Path, folder: Path, what: str) -> Path:
     return Store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").get(name, folder / name)
 
 
+def _kserve_layout(archive: Archive, explicit: str | Path | None) -> Path | None:
+    """The KServe layout to store with `archive`: `explicit`, else the `kserve/` folder `spade package` wrote
+    beside it. It must hold config/config.properties and model-store/*.mar with this very archive."""
+    folder = Path(explicit) if explicit else archive.path.parent / "kserve"
+    if not folder.is_dir():
+        if explicit:
+            raise SpadeError(f"--kserve {folder}: no such folder (spade package writes OUT/kserve beside OUT/NAME.mar)")
+        return None
+    config = folder / "config" / "config.properties"
+    mars = sorted((folder / "model-store").glob("*.mar"))
+    if not config.is_file() or len(mars) != 1:
+        raise SpadeError(
+            f"{folder} is not a KServe layout: expected config/config.properties and one model-store/*.mar"
+        )
+    if _sha256(mars[0]) != archive.sha256:
+        raise SpadeError(f"{mars[0]} is not the archive being registered ({archive.path}): package them together")
+    return folder
+
+
+def _store_kserve_layout(folder: Path, store: str, stem: str) -> str:
+    """Copy the layout to STORE/STEM/kserve/ (config/ and model-store/); returns that folder's URI."""
+    base = f"{store.rstrip('/')}/{stem}/kserve"
+    for sub in ("config", "model-store"):
+        for path in sorted((folder / sub).iterdir()):
+            if path.is_file():
+                Store(f"{base}/{sub}").put(path, path.name)
+    return base if is_s3(base) else str(Path(base).resolve())
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -416,8 +445,13 @@ def register(
     decision_out: str | Path | None = None,
     config: RegisterConfig | None = None,
     tracking: TrackingConfig | None = None,
+    kserve: str | Path | None = None,
 ) -> dict:
     """Store `mar`, register it as a new version with `metrics` and its lineage, gate it against the champion.
+
+    `kserve`: the KServe layout of the same archive (config/config.properties + model-store/NAME.mar, what
+    `spade package` writes beside the .mar, found there when not given); it is stored next to the archive
+    and its URI recorded on the version (`kserve_uri`): what an InferenceService's storageUri points at.
 
     Arguments left None come from `config` (params.yaml's `register:` section) and `tracking`
     (`tracking:`: tracking_uri, experiment). Returns the decision (also written to `decision_out` as JSON):
@@ -443,6 +477,7 @@ def register(
     with tempfile.TemporaryDirectory(prefix="spade-register-") as tmp:
         # everything that can be wrong with the inputs is found before anything is written
         archive = read_archive(_local_input(mar, Path(tmp), "archive"))
+        layout = _kserve_layout(archive, kserve)
         if not isinstance(metrics, dict):
             metrics = _local_input(metrics, Path(tmp), "metrics file")
         candidate, scalars = read_metrics(metrics, fid_key=cfg.fid_key, miou_key=cfg.miou_key)
@@ -459,6 +494,7 @@ def register(
             candidate=candidate,
             scalars=scalars,
             protocol=read_protocol(metrics),
+            kserve=layout,
             name=cfg.model_name or archive.model_name,
             uri=resolve_registry_uri(tracking_uri, tcfg, archive.meta),
             cfg=cfg,
@@ -483,6 +519,7 @@ class _Registration:
     candidate: dict
     scalars: dict
     protocol: dict
+    kserve: Path | None
     name: str
     uri: str
     cfg: RegisterConfig
@@ -572,6 +609,10 @@ class _Registration:
         if not store.s3:
             archive_uri = str(Path(archive_uri).resolve())
         _say(f"stored {self.archive.path} as {archive_uri}")
+        kserve_uri = None
+        if self.kserve is not None:
+            kserve_uri = _store_kserve_layout(self.kserve, cfg.store, file_name.removesuffix(".mar"))
+            _say(f"stored its KServe layout as {kserve_uri}")
 
         lineage = self.archive.lineage
         if training_run_id:
@@ -599,6 +640,7 @@ class _Registration:
                 "sha256": self.archive.sha256,
                 "mar_model_name": self.archive.model_name,
                 "mar_version": self.archive.version,
+                "kserve_uri": kserve_uri,
             },
             "source": None,
             "lineage": lineage,
@@ -671,6 +713,7 @@ class _Registration:
             "archive_uri": decision["archive"]["uri"],
             "archive_sha256": archive.sha256,
             "archive_file": file_name,
+            **({"kserve_uri": decision["archive"]["kserve_uri"]} if decision["archive"]["kserve_uri"] else {}),
             "mar_model_name": archive.model_name,
             "mar_version": archive.version,
             **{f"metric.{k}": str(v) for k, v in self.scalars.items()},
@@ -847,6 +890,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="promote to champion whatever the gate says")
     parser.add_argument("--decision-out", type=Path, help="write the decision here as JSON (default: print it)")
     parser.add_argument(
+        "--kserve",
+        type=Path,
+        help="the archive's KServe layout, stored beside it (default: the kserve/ folder next to --mar, if any)",
+    )
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking server (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI, the training run's, "
         "./mlruns.db)",
@@ -884,6 +932,7 @@ def main(args: argparse.Namespace) -> int:
         decision_out=args.decision_out,
         config=settings.register,
         tracking=settings.tracking,
+        kserve=args.kserve,
     )
     if args.decision_out:
         summary = f"{decision['model_name']} version {decision['version']}: {decision['decision']}"
