@@ -12,7 +12,7 @@ $(PY):
 
 # The demo needs the package, kfp and TorchServe (with Java 17, from apt when missing: it serves the model it
 # trains); the suite installs the DVC and test tools beside them.
-$(DEMO_STAMP): pyproject.toml | $(PY)
+$(DEMO_STAMP): pyproject.toml Makefile scripts/provision-java.sh | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-cache-dir -e '.[pipeline,serve]'
 	bash scripts/provision-java.sh
@@ -21,6 +21,7 @@ $(DEMO_STAMP): pyproject.toml | $(PY)
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-cache-dir -e '.[dev]'
+	bash scripts/provision-java.sh
 	touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)

@@ -284,6 +284,9 @@ def test_the_gate_compares_only_numbers_measured_on_the_same_data_with_the_same_
 
     same = register(scored(29.0, 0.51))
     assert same["promoted"] and alias(client, name, "champion") == "4"
+    unknown = register({"fid": 5.0, "mIoU": 0.9})  # numbers with no record of what they were measured on
+    assert not unknown["promoted"] and alias(client, name, "champion") == "4"
+    assert "the data the candidate was scored on is not recorded, while that of champion v4 is" in unknown["reason"]
 
     # a champion registered before the protocol was recorded: its numbers alone, and the decision says so
     name = "spade-old-champion"

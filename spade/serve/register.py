@@ -270,6 +270,11 @@ def gate(
             )
         elif new and not old:
             skipped.append(f"the {what} {who} was scored on is not recorded: compared on the numbers alone")
+        elif old and not new:
+            refusals.append(
+                f"the {what} the candidate was scored on is not recorded, while that of {who} is: evaluate it "
+                "with `spade evaluate`, whose metrics.json records it"
+            )
     for metric in GATE_METRICS:
         new, old = candidate.get(metric), champion.get(metric)
         if old is None:
@@ -404,13 +409,17 @@ def _kserve_layout(archive: Archive, explicit: str | Path | None) -> Path | None
         return None
     config = folder / "config" / "config.properties"
     mars = sorted((folder / "model-store").glob("*.mar"))
+    problem = None
     if not config.is_file() or len(mars) != 1:
-        raise SpadeError(
-            f"{folder} is not a KServe layout: expected config/config.properties and one model-store/*.mar"
-        )
-    if _sha256(mars[0]) != archive.sha256:
-        raise SpadeError(f"{mars[0]} is not the archive being registered ({archive.path}): package them together")
-    return folder
+        problem = f"{folder} is not a KServe layout: expected config/config.properties and one model-store/*.mar"
+    elif _sha256(mars[0]) != archive.sha256:
+        problem = f"{mars[0]} is not the archive being registered ({archive.path}): package them together"
+    if problem is None:
+        return folder
+    if explicit:
+        raise SpadeError(problem)
+    _say(f"note: no KServe layout stored with this version ({problem}; pass --kserve DIR)")
+    return None
 
 
 def _store_kserve_layout(folder: Path, store: str, stem: str) -> str:
