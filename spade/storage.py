@@ -89,6 +89,7 @@ class Store:
                 os.close(fd)
                 try:
                     shutil.copyfile(local, tmp)
+                    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from other users (a server)
                     os.replace(tmp, target)
                 except BaseException:
                     Path(tmp).unlink(missing_ok=True)
@@ -124,3 +125,21 @@ class Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except Exception as exc:
             raise SpadeError(f"cannot delete {self.uri(name)}: {exc}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def local_file(location: str | Path, folder: Path, what: str) -> Path:
+    """A local path for a local path (as it is: its reader says what is wrong with it) or an s3:// URI of a
+    file (downloaded into `folder`)."""
+    if not is_s3(location):
+        return Path(location)
+    bucket, key = split_s3(str(location))
+    parent, _, name = key.rpartition("/")
+    if not name:
+        raise SpadeError(f"{what} {location} names a bucket, not a file")
+    return Store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").get(name, folder / name)

@@ -236,3 +236,21 @@ def test_another_archive_under_a_version_the_server_has_is_refused(world, server
     # the very archive that is live is recognised by its content, whatever its file name
     again = deploy_to_torchserve(world["mar1"], ts, model_store=server.model_store, say=lambda _: None)
     assert again.get("already_live") and ts.default_version(NAME) == "1"
+
+
+def test_stored_files_are_readable_by_the_server_s_own_user(tmp_path, monkeypatch):
+    """Store.put writes through mkstemp (mode 0600); a TorchServe running as another user (the image's, in a
+    container) could not read the archive it was told to load. The umask decides, as for any written file."""
+    import os
+    import stat
+
+    from spade.storage import Store
+
+    source = tmp_path / "a.mar"
+    source.write_bytes(b"archive")
+    old = os.umask(0o022)
+    try:
+        stored = Path(Store(tmp_path / "store").put(source, "a.mar"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o644 and stored.read_bytes() == b"archive"

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -39,8 +37,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from spade.data.fingerprint import file_digest
 from spade.errors import SpadeError
 from spade.serve.torchserve_api import TOKEN_ENV, TorchServe
+from spade.storage import Store, local_file
 
 INFERENCE_TOKEN_ENV = "TORCHSERVE_INFERENCE_TOKEN"
 
@@ -60,14 +60,6 @@ Keys: --torchserve-token or ${TOKEN_ENV} (management), --inference-token or ${IN
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- where the archive comes from
@@ -105,22 +97,6 @@ def resolve_registered_archive(model: str, alias: str, tracking_uri: str) -> dic
     return {"uri": uri, "sha256": tags.get("archive_sha256"), "version": str(mv.version), "model": model}
 
 
-def fetch_archive(location: str, folder: Path) -> Path:
-    """A local path for a path or s3:// URI of an archive (downloaded into `folder`)."""
-    from spade.storage import Store, is_s3, split_s3
-
-    if not is_s3(location):
-        path = Path(location)
-        if not path.is_file():
-            raise SpadeError(f"archive not found: {location}")
-        return path
-    bucket, key = split_s3(location)
-    parent, _, name = key.rpartition("/")
-    if not name:
-        raise SpadeError(f"archive {location} names a bucket, not a file")
-    return Store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").get(name, folder / name)
-
-
 # --------------------------------------------------------------------------- the swap
 
 
@@ -129,18 +105,9 @@ def _place(archive: Path, model_store: Path, file_name: str) -> tuple[Path, bool
     if not model_store.is_dir():
         raise SpadeError(f"--model-store {model_store} is not a folder (the TorchServe model store)")
     target = model_store / file_name
-    if target.is_file() and _sha256(target) == _sha256(archive):
+    if target.is_file() and file_digest(target) == file_digest(archive):
         return target, False
-    fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=model_store)
-    try:
-        with os.fdopen(fd, "wb") as dst, archive.open("rb") as src:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        os.chmod(tmp, 0o644)  # the server may run as another user (a container's)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target, True
+    return Path(Store(model_store).put(archive, file_name)), True
 
 
 def probe_png() -> bytes:
@@ -173,13 +140,6 @@ def probe(inference_url: str, model_name: str, version: str, token: str | None, 
         raise SpadeError(f"version {version} of {model_name} answered its check request with no image")
 
 
-def _file_name(name: str, version: str, sha256: str) -> str:
-    import re
-
-    safe = [re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model" for text in (name, version)]
-    return f"{safe[0]}-{safe[1]}-{sha256[:12]}.mar"
-
-
 def _loaded_from(torchserve: TorchServe, name: str, version: str) -> str:
     described = torchserve.describe(name, version)
     return str(described[0].get("modelUrl") or "") if described else ""
@@ -190,7 +150,7 @@ def _same_archive(model_url: str, expected_url: str, sha256: str, model_store: P
     if model_url == expected_url:
         return True
     if model_store is not None and model_url and "/" not in model_url and (model_store / model_url).is_file():
-        return _sha256(model_store / model_url) == sha256
+        return file_digest(model_store / model_url) == sha256
     return False
 
 
@@ -213,7 +173,7 @@ def deploy_to_torchserve(
     """Make `archive` the default version of its model in `torchserve` (the steps of the module doc).
 
     `source`: where the archive came from (a URI, the registry), for the messages and the result."""
-    from spade.serve.register import read_archive
+    from spade.serve.register import archive_file_name, read_archive
 
     info = read_archive(archive)
     name = model_name or info.model_name
@@ -224,7 +184,7 @@ def deploy_to_torchserve(
             "TorchServe must be able to load the archive: pass --model-store (its model store folder, for a "
             "server on this machine) or --archive-url (a URL the server may fetch)"
         )
-    expected_url = archive_url or _file_name(name, version, info.sha256)
+    expected_url = archive_url or archive_file_name(name, version, info.sha256)
     result = {
         "model_name": name,
         "version": version,
@@ -365,17 +325,17 @@ def main(args: argparse.Namespace) -> int:
             if not uri:
                 raise SpadeError("--model needs the MLflow server: --tracking-uri or $MLFLOW_TRACKING_URI")
             registered = resolve_registered_archive(args.model, args.alias, uri)
-            archive = fetch_archive(registered["uri"], Path(tmp))
+            archive = local_file(registered["uri"], Path(tmp), "archive")
             if not registered["sha256"]:
                 _say(f"deploy: warning: version {registered['version']} records no archive_sha256: not checked")
-            elif _sha256(archive) != registered["sha256"]:
+            elif file_digest(archive) != registered["sha256"]:
                 raise SpadeError(
                     f"{registered['uri']} does not have the sha256 recorded on version {registered['version']} of "
                     f"{args.model}: the stored archive changed since it was registered"
                 )
             _say(f"deploy: {args.model} {args.alias} is version {registered['version']}: {registered['uri']}")
         else:
-            archive = fetch_archive(args.mar, Path(tmp))
+            archive = local_file(args.mar, Path(tmp), "archive")
         torchserve = TorchServe(args.torchserve_url, args.torchserve_token or os.environ.get(TOKEN_ENV) or None)
         result = deploy_to_torchserve(
             archive,

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -56,9 +55,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spade.config import RegisterConfig, TrackingConfig, add_settings_arguments, load_settings, params_path
+from spade.data.fingerprint import file_digest
 from spade.errors import SpadeError
 from spade.serve.torchserve_api import TOKEN_ENV, TorchServe
-from spade.storage import Store, is_s3, split_s3
+from spade.storage import Store, is_s3, local_file
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -103,14 +103,6 @@ class Archive:
         if self.preset:
             out["preset"] = self.preset
         return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_archive(path: str | Path) -> Archive:
@@ -172,7 +164,7 @@ def read_archive(path: str | Path) -> Archive:
         model_name=str(model["modelName"]),
         version=str(model.get("modelVersion") or "1.0"),  # TorchServe's default when the manifest has none
         serialized_file=str(serialized),
-        sha256=_sha256(path),
+        sha256=file_digest(path),
         meta={k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))},
         preset=config.get("preset"),
     )
@@ -388,15 +380,9 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
 
 
-def _local_input(location: str | Path, folder: Path, what: str) -> Path:
-    """A local path for a local path or an s3:// URI (downloaded into `folder`)."""
-    if not is_s3(location):
-        return Path(location)
-    bucket, key = split_s3(str(location))
-    parent, _, name = key.rpartition("/")
-    if not name:
-        raise SpadeError(f"{what} {location} names a bucket, not a file")
-    return Store(f"s3://{bucket}/{parent}" if parent else f"s3://{bucket}").get(name, folder / name)
+def archive_file_name(name: str, version: str, sha256: str) -> str:
+    """The stored name of an archive: it changes with its content, so a stored file is never replaced."""
+    return f"{_safe_name(name)}-{_safe_name(version)}-{sha256[:12]}.mar"
 
 
 def _kserve_layout(archive: Archive, explicit: str | Path | None) -> Path | None:
@@ -412,7 +398,7 @@ def _kserve_layout(archive: Archive, explicit: str | Path | None) -> Path | None
     problem = None
     if not config.is_file() or len(mars) != 1:
         problem = f"{folder} is not a KServe layout: expected config/config.properties and one model-store/*.mar"
-    elif _sha256(mars[0]) != archive.sha256:
+    elif file_digest(mars[0]) != archive.sha256:
         problem = f"{mars[0]} is not the archive being registered ({archive.path}): package them together"
     if problem is None:
         return folder
@@ -485,10 +471,10 @@ def register(
 
     with tempfile.TemporaryDirectory(prefix="spade-register-") as tmp:
         # everything that can be wrong with the inputs is found before anything is written
-        archive = read_archive(_local_input(mar, Path(tmp), "archive"))
+        archive = read_archive(local_file(mar, Path(tmp), "archive"))
         layout = _kserve_layout(archive, kserve)
         if not isinstance(metrics, dict):
-            metrics = _local_input(metrics, Path(tmp), "metrics file")
+            metrics = local_file(metrics, Path(tmp), "metrics file")
         candidate, scalars = read_metrics(metrics, fid_key=cfg.fid_key, miou_key=cfg.miou_key)
         if candidate["fid"] is None and candidate["mIoU"] is None and not force:
             where = "the metrics" if isinstance(metrics, dict) else str(metrics)
@@ -613,7 +599,7 @@ class _Registration:
 
         # 3. the archive goes to the store, under a name that changes with its content
         store = Store(cfg.store)
-        file_name = f"{_safe_name(name)}-{_safe_name(self.archive.version)}-{self.archive.sha256[:12]}.mar"
+        file_name = archive_file_name(name, self.archive.version, self.archive.sha256)
         archive_uri = store.put(self.archive.path, file_name)
         if not store.s3:
             archive_uri = str(Path(archive_uri).resolve())
