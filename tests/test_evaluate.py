@@ -1,5 +1,6 @@
 """End to end on the built-in data: small segmenter -> pseudo-labels -> evaluate a trained checkpoint."""
 
+import hashlib
 import json
 import subprocess
 
@@ -106,6 +107,7 @@ def test_evaluate_writes_metrics_grid_and_logs_to_the_training_run(world, tmp_pa
         "images": 8,
     }
     assert run.data.tags["eval_data_fingerprint"] == m["data"]["fingerprint"] and run.data.tags["eval_split"] == "val"
+    assert m["segmenter_weights"] == "sha256:" + hashlib.sha256(world["segmenter"].read_bytes()).hexdigest()
     train_split = evaluate(world["model"], DataConfig(root=str(world["data"]), split="train", max_samples=8), **kwargs)
     assert train_split.metrics["data"]["fingerprint"] != m["data"]["fingerprint"]
 
@@ -182,3 +184,33 @@ def test_fid_and_segmenter_commands(world, tmp_path, monkeypatch, capsys):
     assert code == 0, out.err[-2000:]
     assert (tmp_path / "seg.pt").is_file() and "wrote" in out.out
     assert load_segmenter("small", tmp_path / "seg.pt").num_classes == 8
+
+
+def test_the_data_fingerprint_is_the_same_for_a_copy_and_for_a_folder_of_links(world, tmp_path):
+    """The gate compares numbers of the same data only: the same files copied elsewhere, or linked (DVC's
+    symlink cache, pseudo-labelled photos), are the same data; one changed byte is not."""
+    import shutil
+
+    from spade.data.fingerprint import samples_fingerprint
+    from spade.data.layouts import find_pairs
+
+    def fingerprint(root) -> str:
+        return samples_fingerprint(find_pairs(DataConfig(root=str(root), split="val")))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(world["data"], copy)
+    linked = tmp_path / "linked"  # labels of its own, photos linked to where they lie (as pseudolabel writes)
+    for path in world["data"].rglob("*"):
+        if path.is_file():
+            target = linked / path.relative_to(world["data"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if "_img" in path.parent.name:
+                target.symlink_to(path)
+            else:
+                shutil.copyfile(path, target)
+    assert fingerprint(world["data"]) == fingerprint(copy) == fingerprint(linked)
+    label = sorted((copy / "val_label").glob("*.png"))[0]
+    data = bytearray(label.read_bytes())
+    data[-20] ^= 1
+    label.write_bytes(bytes(data))
+    assert fingerprint(copy) != fingerprint(world["data"])

@@ -322,7 +322,7 @@ def test_a_promoted_model_is_deployed_by_the_pipeline_and_answers(tmp_path: Path
             params=params, pipeline_root=tmp_path / "pipeline2",
         )  # fmt: skip
         second = print_summary(tmp_path / "pipeline2", params)
-        assert second["decision"] == "candidate"
+        assert second["decision"] == "candidate" and "scored on other data" in second["reason"]
         assert (Path(second["run"]) / "keep-serving").is_dir() and not (Path(second["run"]) / "deploy").exists()
         assert api.versions("tiny") == [first] == [api.default_version("tiny")]
 

@@ -261,9 +261,12 @@ def test_a_candidate_lacking_a_metric_the_champion_has_is_not_promoted_and_force
     assert more["promoted"] and more["skipped"] == ["fid not compared (missing for champion v1)"]
 
 
-def scored(fid: float, miou: float, fingerprint: str = "a" * 64, segmenter: str = "small") -> dict:
+def scored(
+    fid: float, miou: float, fingerprint: str = "a" * 64, segmenter: str = "small", weights: str = "sha256:1"
+) -> dict:
     """metrics.json as `spade evaluate` writes it: the numbers and what they were measured on."""
-    return {"fid": fid, "mIoU": miou, "segmenter": segmenter, "data": {"fingerprint": fingerprint, "split": "val"}}
+    data = {"fingerprint": fingerprint, "split": "val"}
+    return {"fid": fid, "mIoU": miou, "segmenter": segmenter, "segmenter_weights": weights, "data": data}
 
 
 def test_the_gate_compares_only_numbers_measured_on_the_same_data_with_the_same_segmenter(tmp_path, client, mlflow_uri):
@@ -272,7 +275,9 @@ def test_the_gate_compares_only_numbers_measured_on_the_same_data_with_the_same_
     first = register(scored(30.0, 0.5))
     tags = client.get_model_version(name, "1").tags
     assert tags["eval.data_fingerprint"] == "a" * 64 and tags["eval.segmenter"] == "small"
-    assert first["protocol"] == {"data_fingerprint": "a" * 64, "segmenter": "small", "split": "val"}
+    assert first["protocol"] == {
+        "data_fingerprint": "a" * 64, "segmenter": "small", "segmenter_weights": "sha256:1", "split": "val"
+    }  # fmt: skip
 
     # far better numbers, but on other data (an easier split, a different sample): not comparable
     other_data = register(scored(5.0, 0.9, fingerprint="b" * 64))
@@ -282,11 +287,15 @@ def test_the_gate_compares_only_numbers_measured_on_the_same_data_with_the_same_
     assert not other_segmenter["promoted"]
     assert "scored on other segmenter than champion v1 (deeplabv2-cocostuff vs small)" in other_segmenter["reason"]
 
+    refitted = register(scored(5.0, 0.9, weights="sha256:2"))  # the same segmenter's name, other weights
+    assert not refitted["promoted"]
+    assert "scored on other segmenter weights than champion v1 (sha256:2 vs sha256:1)" in refitted["reason"]
+
     same = register(scored(29.0, 0.51))
-    assert same["promoted"] and alias(client, name, "champion") == "4"
+    assert same["promoted"] and alias(client, name, "champion") == "5"
     unknown = register({"fid": 5.0, "mIoU": 0.9})  # numbers with no record of what they were measured on
-    assert not unknown["promoted"] and alias(client, name, "champion") == "4"
-    assert "the data the candidate was scored on is not recorded, while that of champion v4 is" in unknown["reason"]
+    assert not unknown["promoted"] and alias(client, name, "champion") == "5"
+    assert "the data the candidate was scored on is not recorded, while that of champion v5 is" in unknown["reason"]
 
     # a champion registered before the protocol was recorded: its numbers alone, and the decision says so
     name = "spade-old-champion"

@@ -33,12 +33,16 @@ def files_fingerprint(paths: Iterable[Path], root: Path | None = None) -> str:
 
 
 def samples_fingerprint(samples: Iterable) -> str:
-    """Fingerprint of dataset samples (objects with label, image and optional instance paths)."""
+    """Fingerprint of dataset samples (objects with label, image and optional instance paths).
+
+    Names are taken as the dataset shows them (absolute, links not followed; the content is read through
+    them): a folder of links to the files (DVC's symlink cache, `spade pseudolabel`'s linked photos) has the
+    fingerprint of a plain copy."""
     paths = []
     for s in samples:
-        paths += [Path(s.label).resolve(), Path(s.image).resolve()]
+        paths += [Path(s.label).absolute(), Path(s.image).absolute()]
         if s.instance is not None:
-            paths.append(Path(s.instance).resolve())
+            paths.append(Path(s.instance).absolute())
     root = Path(_common_root(paths)) if paths else None
     return files_fingerprint(paths, root)
 

@@ -59,9 +59,11 @@ def evaluate(
     progress: bool = True,
 ) -> EvaluationResult:
     from spade.data.dataset import build_dataset
+    from spade.data.fingerprint import file_digest, samples_fingerprint
     from spade.evaluate.segmentation_metrics import ConfusionMatrix
     from spade.evaluate.segmenters import load_segmenter
     from spade.labels import read_id_map, to_class_ids
+    from spade.storage import is_s3
     from spade.synthesize import Synthesizer
     from spade.visualize import dataset_colours, sample_grid
 
@@ -84,8 +86,9 @@ def evaluate(
     samples = dataset.samples
     if not samples:
         raise SpadeError(f"no evaluation samples under {data.root}")
+    fingerprint = samples_fingerprint(samples)  # hashes every file: once, for the FID cache and metrics.json
     if fid_state is not None:
-        fid_state.use_cache(_real_key(samples, cfg.output_size))
+        fid_state.use_cache(f"{fingerprint}-{cfg.output_size[0]}x{cfg.output_size[1]}")
     confusion = ConfusionMatrix(cfg.label_nc, ignore_index=cfg.dontcare_id)
     grid_rows: dict[str, list] = {"label": [], "real": [], "fake": []}
     with progress_bar(total=len(samples), desc="evaluate", unit="img", disable=not progress) as bar:
@@ -135,12 +138,17 @@ def evaluate(
     metrics["checkpoint"] = str(checkpoint)
     # what the numbers were measured on: the promotion gate compares only numbers of the same data
     metrics["data"] = {
-        "fingerprint": _data_fingerprint(samples),
+        "fingerprint": fingerprint,
         "split": data.split,
         "layout": data.layout,
         "images": len(samples),
     }
     metrics["segmenter"] = segmenter
+    # which weights: a refitted segmenter of the same name scores differently (a local file by its sha256)
+    weights = Path(segmenter_weights) if segmenter_weights and not is_s3(str(segmenter_weights)) else None
+    metrics["segmenter_weights"] = (
+        f"sha256:{file_digest(weights)}" if weights is not None and weights.is_file() else str(segmenter_weights or "")
+    )
     metrics["precision"] = synth.precision  # as resolved: "auto" depends on the machine, and so may the numbers
     metrics["seconds"] = round(time.perf_counter() - start, 2)
 
@@ -164,18 +172,6 @@ def evaluate(
     grid_path = save_png(grid, out_dir / "samples.png")
     run_id = _log_to_mlflow(synth.checkpoint.meta, metrics, metrics_path, grid_path, tracking or TrackingConfig())
     return EvaluationResult(metrics, metrics_path, grid_path, run_id)
-
-
-def _data_fingerprint(samples: list) -> str:
-    from spade.data.fingerprint import samples_fingerprint
-
-    return samples_fingerprint(samples)
-
-
-def _real_key(samples: list, size: tuple[int, int]) -> str:
-    from spade.data.fingerprint import samples_fingerprint
-
-    return f"{samples_fingerprint(samples)}-{size[0]}x{size[1]}"
 
 
 class _FID:

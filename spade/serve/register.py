@@ -180,21 +180,25 @@ def _number(value: object, key: str, where: str) -> float | None:
     return float(value)
 
 
+def _metrics_data(metrics: str | Path | dict) -> tuple[dict, str]:
+    """An evaluation's metrics (a dict, or its metrics.json) and what to call it in messages."""
+    if isinstance(metrics, dict):
+        return metrics, "metrics"
+    path = Path(metrics)
+    if not path.is_file():
+        raise SpadeError(f"metrics file not found: {path} (`spade evaluate --out DIR` writes DIR/metrics.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpadeError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SpadeError(f"{path}: expected a JSON object of metrics, got a {type(data).__name__}")
+    return data, str(path)
+
+
 def read_metrics(metrics: str | Path | dict, *, fid_key: str = "fid", miou_key: str = "mIoU") -> tuple[dict, dict]:
     """(gate metrics {'fid': x | None, 'mIoU': y | None}, every top-level number) of an evaluation's metrics."""
-    if isinstance(metrics, dict):
-        data, where = metrics, "metrics"
-    else:
-        path = Path(metrics)
-        where = str(path)
-        if not path.is_file():
-            raise SpadeError(f"metrics file not found: {path} (`spade evaluate --out DIR` writes DIR/metrics.json)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SpadeError(f"{path} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise SpadeError(f"{path}: expected a JSON object of metrics, got a {type(data).__name__}")
+    data, where = _metrics_data(metrics)
     gate = {"fid": _number(data.get(fid_key), fid_key, where), "mIoU": _number(data.get(miou_key), miou_key, where)}
     scalars = {
         k: float(v)
@@ -211,25 +215,16 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-PROTOCOL_KEYS = {"data_fingerprint": "data", "segmenter": "segmenter"}
+PROTOCOL_KEYS = {"data_fingerprint": "data", "segmenter": "segmenter", "segmenter_weights": "segmenter weights"}
 
 
 def read_protocol(metrics: str | Path | dict) -> dict:
-    """How an evaluation's numbers were measured: {'data_fingerprint', 'segmenter', 'split'} (None where the
-    metrics do not say, as in files written before they did)."""
-    if isinstance(metrics, dict):
-        data = metrics
-    else:
-        try:
-            data = json.loads(Path(metrics).read_text())
-        except (OSError, ValueError):
-            data = {}
+    """How an evaluation's numbers were measured: {'data_fingerprint', 'segmenter', 'segmenter_weights',
+    'split'} (None where the metrics do not say, as in files written before they did)."""
+    data, _ = _metrics_data(metrics)
     evaluated = data.get("data") if isinstance(data.get("data"), dict) else {}
-    return {
-        "data_fingerprint": evaluated.get("fingerprint") or None,
-        "segmenter": data.get("segmenter") if isinstance(data.get("segmenter"), str) else None,
-        "split": evaluated.get("split") or None,
-    }
+    text = {k: data.get(k) if isinstance(data.get(k), str) else None for k in ("segmenter", "segmenter_weights")}
+    return {"data_fingerprint": evaluated.get("fingerprint") or None, **text, "split": evaluated.get("split") or None}
 
 
 def gate(
